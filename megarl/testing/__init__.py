@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks (gloo worlds, tiny models)."""
