@@ -22,3 +22,14 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tiny_models):
     return tiny_models["qwen3_moe"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray per test session, shared by every test that needs actors."""
+    import ray
+
+    from megarl.utils.ray_runtime import init_ray
+
+    init_ray()
+    yield ray
