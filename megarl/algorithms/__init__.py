@@ -1,0 +1,53 @@
+"""RL algorithm core: advantage estimators, policy/value/KL losses, global-batch loss aggregation,
+rollout/train mismatch correction, SFT and DPO losses. Pure torch: no megatron imports, so the
+Megatron trainer and the unit tests use the same code.
+
+Where things are:
+  aggregation.py         loss_agg_mode registry, LossNormalisers, compute_loss_normalisers
+  advantages.py          @register_advantage estimators (grpo, rloo, reinforce_plus_plus[_baseline],
+                         gae), compute_advantages, filter_equal_reward_groups (DAPO)
+  policy_losses.py       @register_policy_loss (ppo/vanilla with clip-higher and dual clip, gspo)
+  kl.py                  KL estimators (k1, abs, k2, k3), KL reward penalty and controllers
+  rollout_correction.py  truncated IS, rejection masking, mismatch metrics
+  loss.py                PolicyLossOptions, compute_policy_loss (the trainer's entry), compute_value_loss
+  preference.py          compute_sft_loss, compute_dpo_loss (sigmoid, ipo)
+"""
+
+from megarl.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageOptions,
+    GroupFilterResult,
+    compute_advantages,
+    filter_equal_reward_groups,
+    register_advantage,
+    sequence_scores,
+)
+from megarl.algorithms.aggregation import (
+    LOSS_AGG_MODES,
+    LossNormalisers,
+    aggregate_loss,
+    compute_loss_normalisers,
+    masked_mean,
+    masked_whiten,
+)
+from megarl.algorithms.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    KLRewardOptions,
+    apply_kl_penalty,
+    kl_divergence,
+    register_kl_estimator,
+)
+from megarl.algorithms.loss import PolicyLossOptions, compute_policy_loss, compute_value_loss
+from megarl.algorithms.policy_losses import POLICY_LOSSES, PolicyLossTerms, register_policy_loss
+from megarl.algorithms.preference import DPOOptions, compute_dpo_loss, compute_sft_loss, sequence_log_prob
+from megarl.algorithms.registry import Registry, UnknownNameError
+from megarl.algorithms.rollout_correction import (
+    RolloutCorrectionOptions,
+    apply_rollout_rejection,
+    mismatch_metrics,
+    truncated_is_weights,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]
