@@ -1,0 +1,43 @@
+"""Reward for the synthetic arithmetic task of the CPU demo (data_source "synthetic/arith").
+
+The demo policy is tiny and random, so the reward must give signal long before the policy writes a
+clean answer: the first number in the response counts (not the last, which a rambling response
+rarely gets right by chance), and an optional near-miss credit rewards numbers close to the answer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from megarl.rewards.registry import register_reward
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def extract_number(text: str, which: str = "first") -> int | None:
+    """The first or last integer in ``text`` ("-3" counts as negative), or None."""
+    found = _INTEGER.findall(text)
+    if not found:
+        return None
+    if which not in ("first", "last"):
+        raise ValueError(f"which must be 'first' or 'last', got {which!r}")
+    return int(found[0] if which == "first" else found[-1])
+
+
+@register_reward("synthetic_arith")
+def arith_reward(data_source, solution_str, ground_truth, extra_info=None, which="first", near_miss_credit=0.0,
+                 near_miss_range=10):
+    """1.0 if the first (or last) integer of the response equals ground_truth.
+
+    Otherwise ``near_miss_credit * max(0, 1 - |prediction - answer| / near_miss_range)`` (0.0 by
+    default; e.g. credit 0.5, range 10, answer 8, first number 6 → 0.4), and 0.0 without any number.
+    Returns {"score", "acc"} so the exact-match accuracy is logged as reward/acc/mean.
+    """
+    answer = int(str(ground_truth).strip())
+    prediction = extract_number(solution_str, which)
+    if prediction is None:
+        return {"score": 0.0, "acc": 0.0}
+    if prediction == answer:
+        return {"score": 1.0, "acc": 1.0}
+    closeness = max(0.0, 1.0 - abs(prediction - answer) / near_miss_range)
+    return {"score": near_miss_credit * closeness, "acc": 0.0}
