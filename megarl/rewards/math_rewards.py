@@ -96,3 +96,25 @@ def gsm8k_accuracy(
     if answer is None:
         return 0.0
     return score if _numbers_equal(answer, str(ground_truth)) else format_score
+
+
+def last_boxed_content(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced) or ``\\boxed x`` in text, else None.
+
+    This only locates the answer string (for building ground truths); equivalence is math-verify's job.
+    """
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    rest = text[start + len("\\boxed"):]
+    if rest.startswith(" "):  # "\boxed 5": the answer runs to the next "$" or whitespace
+        return rest.strip().split("$")[0].split()[0] if rest.strip() else None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += char == "{"
+        depth -= char == "}"
+        if depth == 0:
+            return rest[1:i]
+    return None

@@ -1,0 +1,66 @@
+"""SFT conversations: rows with a ``messages`` list (system/user/assistant/tool turns)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from megarl.data.chat_tokens import tokenize_conversation
+from megarl.data.records import DataFormatError, check_truncation, get_field, limit_length, read_records, to_messages
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTDatasetConfig:
+    """max_length in tokens after the chat template. Longer conversations are dropped when
+    filter_overlong, else cut by ``truncation`` (error | left | right)."""
+
+    files: list[str] = field(default_factory=list)
+    messages_key: str = "messages"
+    max_length: int = 2048
+    filter_overlong: bool = True
+    truncation: str = "error"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SFTSample:
+    """input_ids [seq]; loss_mask [seq]: 1 on assistant tokens (what SFT trains on)."""
+
+    index: int
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+class SFTDataset:
+    def __init__(self, config: SFTDatasetConfig, tokenizer):
+        if not config.files:
+            raise ValueError("SFT dataset files are empty")
+        check_truncation(config.truncation)
+        conversations = []
+        for path in config.files:  # every row is checked before any is tokenised
+            for row, record in enumerate(read_records(path, (config.messages_key,))):
+                messages = to_messages(get_field(record, config.messages_key, path, row), config.messages_key,
+                                       path, row)
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise DataFormatError(f"{path} row {row}: {config.messages_key!r} has no assistant message")
+                conversations.append((messages, f"{path} row {row}"))
+        self.samples: list[SFTSample] = []
+        self.num_filtered = 0
+        for messages, where in conversations:
+            ids, mask = tokenize_conversation(tokenizer, messages, config.chat_template_kwargs, where)
+            if len(ids) > config.max_length and config.filter_overlong:
+                self.num_filtered += 1
+                continue
+            kept = limit_length(list(range(len(ids))), config.max_length, config.truncation, where)
+            self.samples.append(SFTSample(len(self.samples), [ids[k] for k in kept], [mask[k] for k in kept]))
+        if self.num_filtered:
+            logger.info("dropped %d conversations longer than %d tokens", self.num_filtered, config.max_length)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> SFTSample:
+        return self.samples[index]
