@@ -81,19 +81,24 @@ def _safe(denominator: float) -> float:
     return denominator if denominator > 0 else 1.0
 
 
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where, not multiply: a non-finite value in a masked position (padding) must not give NaN.
+    return torch.where(mask > 0, values * mask, torch.zeros_like(values))
+
+
 @LOSS_AGG_MODES.register("token-mean")
 def _token_mean(values, mask, norm: LossNormalisers):
-    return (values * mask).sum() / _safe(norm.num_tokens)
+    return _masked(values, mask).sum() / _safe(norm.num_tokens)
 
 
 @LOSS_AGG_MODES.register("seq-mean-token-sum")
 def _seq_mean_token_sum(values, mask, norm: LossNormalisers):
-    return (values * mask).sum() / _safe(norm.num_sequences)
+    return _masked(values, mask).sum() / _safe(norm.num_sequences)
 
 
 @LOSS_AGG_MODES.register("seq-mean-token-mean")
 def _seq_mean_token_mean(values, mask, norm: LossNormalisers):
-    per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    per_seq = _masked(values, mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return per_seq.sum() / _safe(norm.num_sequences)
 
 
@@ -104,7 +109,7 @@ def _seq_mean_token_sum_norm(values, mask, norm: LossNormalisers):
             "loss_agg_mode 'seq-mean-token-sum-norm' needs max_response_length in the normalisers: "
             "pass compute_loss_normalisers(..., max_response_length=<configured max response tokens>)"
         )
-    return (values * mask).sum() / _safe(norm.num_sequences * norm.max_response_length)
+    return _masked(values, mask).sum() / _safe(norm.num_sequences * norm.max_response_length)
 
 
 def aggregate_loss(
@@ -125,7 +130,7 @@ def aggregate_loss(
 
 def token_share(values: torch.Tensor, mask: torch.Tensor, normalisers: LossNormalisers) -> torch.Tensor:
     """sum(values*mask) / global_num_tokens, detached: a token-mean metric's share (summable)."""
-    return ((values.detach() * mask).sum() / _safe(normalisers.num_tokens)).detach()
+    return (_masked(values.detach(), mask).sum() / _safe(normalisers.num_tokens)).detach()
 
 
 # ----------------------------------------------------------------------------------------------------
