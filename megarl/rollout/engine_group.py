@@ -1,0 +1,244 @@
+"""N data-parallel vLLM engines as Ray actors, behind one `generate` / weight-push interface.
+
+    init_ray()
+    group = EngineGroup(VLLMEngineConfig(model=hf_dir, tensor_parallel_size=8), EngineGroupOptions(num_engines=4))
+    results = group.generate([RolloutRequest(messages=[...]), ...], SamplingOptions(n=8, max_tokens=1024))
+    group.push_weights(export_hf_weights(handle))        # or WeightPusher(group.engines, ...) on training rank 0
+
+Requests are spread over the engines by estimated cost (prompt length + n * max_tokens), each engine
+gets one batched call, results come back in request order. A dead engine (actor process gone) gives
+`EngineDiedError` at once; an engine that does not answer within `generate_timeout_s` gives
+`EngineTimeoutError`. With `on_engine_failure="restart"` the group starts a fresh actor in the same
+slot and retries the dead engine's requests — only on engines that hold the current weights (a
+restarted engine has the checkpoint's weights until the next push, so it is left out until then).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from megarl.rollout.placement import RolloutPlacement, actor_options, create_engine_slots, ray_has_gpus
+from megarl.rollout.types import EngineHealth, RolloutRequest, SampleResult, SamplingOptions
+from megarl.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig, engine_process_env
+
+log = logging.getLogger(__name__)
+
+
+class EngineDiedError(RuntimeError):
+    """A rollout engine's actor died (crash, OOM kill, node loss)."""
+
+
+class EngineTimeoutError(TimeoutError):
+    """A rollout engine did not answer within the configured timeout."""
+
+
+@dataclass(frozen=True)
+class EngineGroupOptions:
+    """num_engines: data-parallel engines. placement: "disaggregated" | "colocated".
+    on_engine_failure: "raise" | "restart". max_retries: retries of a failed engine's requests."""
+
+    num_engines: int = 1
+    placement: str = "disaggregated"
+    on_engine_failure: str = "raise"
+    max_retries: int = 1
+    generate_timeout_s: float = 1800.0
+    start_timeout_s: float = 900.0
+    engine_cpus: float = 1.0  # CPUs reserved per engine bundle (fractions let small test machines pack engines)
+
+    def __post_init__(self):
+        if self.on_engine_failure not in ("raise", "restart"):
+            raise ValueError(f"on_engine_failure must be raise|restart, got {self.on_engine_failure!r}")
+        if self.num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {self.num_engines}")
+
+
+class EngineGroup:
+    def __init__(self, engine_config: VLLMEngineConfig, options: EngineGroupOptions = EngineGroupOptions(), slots=None):
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("call megarl.rollout.init_ray() (or ray.init) before creating an EngineGroup")
+        self.config = engine_config
+        self.options = options
+        self.use_gpu = ray_has_gpus()
+        placement = RolloutPlacement(
+            num_engines=options.num_engines,
+            tensor_parallel_size=engine_config.tensor_parallel_size,
+            mode=options.placement,
+            cpus_per_bundle=options.engine_cpus,
+        )
+        self.slots = slots or create_engine_slots(placement, timeout_s=options.start_timeout_s)
+        self.engines = [self._start_actor(i) for i in range(options.num_engines)]
+        self._stale: set[int] = set()  # restarted engines that missed weight pushes
+        self._wait_started(range(options.num_engines))
+
+    # ---------------------------------------------------------------- actors
+    def _start_actor(self, index: int):
+        import ray
+
+        env = engine_process_env(self.config, cpu=not self.use_gpu)
+        opts = actor_options(
+            self.slots[index],
+            use_gpu=self.use_gpu,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            env=env,
+            cpus=self.options.engine_cpus,
+        )
+        return ray.remote(VLLMEngine).options(name=None, max_restarts=0, **opts).remote(self.config, index)
+
+    def _wait_started(self, indices) -> None:
+        import ray
+
+        indices = list(indices)
+        try:
+            ray.get([self.engines[i].health.remote() for i in indices], timeout=self.options.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise EngineTimeoutError(f"engines {indices} did not start within {self.options.start_timeout_s:.0f} s") from e
+        except ray.exceptions.RayActorError as e:
+            raise EngineDiedError(f"an engine died while starting (model {self.config.model}): {e}") from e
+
+    def restart_engine(self, index: int) -> None:
+        """Replace engine `index` by a fresh actor in the same slot (kills the old one if alive)."""
+        import ray
+
+        try:
+            ray.kill(self.engines[index], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.engines[index] = self._start_actor(index)
+        self._wait_started([index])
+        self._stale.add(index)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingOptions = SamplingOptions()) -> list[list[SampleResult]]:
+        """`results[i][j]`: sample j of request i. Raises EngineDiedError / EngineTimeoutError."""
+        if not requests:
+            return []
+        results: list[list[SampleResult] | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        for attempt in range(self.options.max_retries + 1):
+            failed = self._generate_once(requests, sampling, todo, results, retries_left=self.options.max_retries - attempt)
+            if not failed:
+                return results  # type: ignore[return-value]
+            todo = failed
+        raise AssertionError("unreachable: _generate_once raises when no retries are left")
+
+    def _usable_engines(self) -> list[int]:
+        if self._stale:
+            self._refresh_stale()
+        usable = [i for i in range(len(self.engines)) if i not in self._stale]
+        if not usable:
+            raise EngineDiedError(
+                "no engine holds the current weights: every engine was restarted after a weight push and "
+                "has the checkpoint's weights; push weights again before generating"
+            )
+        return usable
+
+    def _refresh_stale(self) -> None:
+        """A stale engine becomes usable again once a push has reached it (versions equal)."""
+        import ray
+
+        versions = ray.get([e.health.remote() for e in self.engines], timeout=60)
+        current = max(h.weights_version for i, h in enumerate(versions) if i not in self._stale) if len(self._stale) < len(self.engines) else 0
+        self._stale = {i for i in self._stale if versions[i].weights_version < current}
+
+    def _generate_once(self, requests, sampling, todo, results, retries_left: int) -> list[int]:
+        import ray
+
+        usable = self._usable_engines()
+        assignment = balance(requests, todo, sampling, len(usable))
+        pending = {}
+        for slot, indices in enumerate(assignment):
+            if indices:
+                engine = usable[slot]
+                pending[self.engines[engine].generate.remote([requests[i] for i in indices], sampling)] = (engine, indices)
+        failed: list[int] = []
+        deadline = time.monotonic() + self.options.generate_timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(engine for engine, _ in pending.values())
+                for ref in pending:
+                    ray.cancel(ref, force=False)
+                raise EngineTimeoutError(f"engines {late} did not finish generate within {self.options.generate_timeout_s:.0f} s")
+            ref = ready[0]
+            engine, indices = pending.pop(ref)
+            try:
+                for i, res in zip(indices, ray.get(ref), strict=True):
+                    results[i] = res
+            except ray.exceptions.RayActorError as e:
+                message = f"rollout engine {engine} died during generate ({len(indices)} requests): {e.__class__.__name__}"
+                if self.options.on_engine_failure == "raise" or retries_left <= 0:
+                    raise EngineDiedError(message + "; set on_engine_failure='restart' to restart and retry") from e
+                log.warning("%s; restarting it and retrying its requests", message)
+                self.restart_engine(engine)
+                failed.extend(indices)
+        return failed
+
+    # ---------------------------------------------------------------- weights & phases
+    def pusher(self, options=None):
+        from megarl.rollout.weight_sync import WeightPusher, WeightPushOptions
+
+        return WeightPusher(self.engines, options or WeightPushOptions())
+
+    def push_weights(self, named_tensors, options=None):
+        """Push from this process (the sender). Returns PushStats. Clears the stale marks: every
+        engine, restarted or not, now holds the pushed weights."""
+        stats = self.pusher(options).push(named_tensors)
+        self._stale.clear()
+        return stats
+
+    def weights_checksums(self) -> list[str]:
+        import ray
+
+        return ray.get([e.weights_checksum.remote() for e in self.engines], timeout=600)
+
+    def sleep(self, level: int = 1) -> list[bool]:
+        import ray
+
+        return ray.get([e.sleep.remote(level) for e in self.engines], timeout=600)
+
+    def wake_up(self) -> list[bool]:
+        import ray
+
+        return ray.get([e.wake_up.remote() for e in self.engines], timeout=600)
+
+    def health(self, timeout_s: float = 30.0) -> list[EngineHealth]:
+        """One entry per engine; a dead or unresponsive engine is reported with ok=False, not raised."""
+        import ray
+
+        refs = [e.health.remote() for e in self.engines]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                out.append(EngineHealth(False, i, self.config.model, -1, self.config.tensor_parallel_size, False, -1, repr(e)[:300]))
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for engine in self.engines:
+            try:
+                ray.kill(engine, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.engines = []
+
+
+def balance(requests: list[RolloutRequest], todo: list[int], sampling: SamplingOptions, num_engines: int) -> list[list[int]]:
+    """Split request indices over engines, greedily by estimated tokens (prompt + n * max_tokens),
+    keeping each engine's indices in request order."""
+    loads = [0] * num_engines
+    assignment: list[list[int]] = [[] for _ in range(num_engines)]
+    for i in todo:
+        request = requests[i]
+        s = request.sampling or sampling
+        prompt = len(request.prompt_token_ids) if request.prompt_token_ids else sum(len(str(m.get("content", ""))) // 3 for m in request.messages)
+        target = loads.index(min(loads))
+        assignment[target].append(i)
+        loads[target] += prompt + s.n * s.max_tokens
+    return assignment

@@ -1,0 +1,144 @@
+"""Push trainer weights (any iterator of (hf_name, tensor)) into every rollout engine.
+
+    pusher = WeightPusher(group.engines, WeightPushOptions(transport="object_store", bucket_mb=512))
+    stats = pusher.push(export_hf_weights(handle), is_sender=(rank == 0))
+
+Every training rank must iterate the exporter (it runs collectives); only the sender ships buckets.
+At most one bucket is materialised beyond the tensors the iterator yields: the sender waits until
+every engine has loaded bucket k before it builds bucket k+1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from collections.abc import Iterable
+
+import torch
+
+from megarl.rollout.weight_sync.base import bucket_digest, get_transport_class, iter_buckets, tensor_nbytes
+
+
+class WeightPushError(RuntimeError):
+    """A push failed or delivered something other than what was sent; the engines' weights are not
+    trustworthy until the next successful push."""
+
+
+@dataclass(frozen=True)
+class WeightPushOptions:
+    """transport: a registered transport name (object_store | cuda_ipc | nccl | inline).
+    bucket_mb: bucket size in MiB. verify: "none"; "digest" (every engine hashes each received bucket
+    and it must equal the sender's hash); "checksum" (after the push, all engines' full weight
+    checksums must be equal); "all" (both). timeout_s: per bucket and per finish call."""
+
+    transport: str = "object_store"
+    bucket_mb: float = 512.0
+    verify: str = "none"
+    timeout_s: float = 600.0
+    transport_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.verify not in ("none", "digest", "checksum", "all"):
+            raise ValueError(f"WeightPushOptions.verify must be none|digest|checksum|all, got {self.verify!r}")
+        if self.bucket_mb <= 0:
+            raise ValueError(f"WeightPushOptions.bucket_mb must be positive, got {self.bucket_mb}")
+        get_transport_class(self.transport)  # unknown names fail here, listing the registered ones
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 2**20)
+
+
+@dataclass
+class PushStats:
+    """Numbers of one push. `seconds` is wall time on the sender from begin to finish (all engines)."""
+
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+    engine_checksums: list[str] = field(default_factory=list)
+    weights_version: int = 0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("nan")
+
+
+class WeightPusher:
+    """Ships weights to a fixed list of engine actors (`VLLMEngine` Ray actors, or anything with the
+    same `begin_weight_update / load_weight_bucket / finish_weight_update` remote methods)."""
+
+    def __init__(self, engines: list, options: WeightPushOptions = WeightPushOptions()):
+        if not engines:
+            raise ValueError("WeightPusher needs at least one engine")
+        self.engines = list(engines)
+        self.options = options
+        self._transport = None
+
+    def _sender_transport(self):
+        if self._transport is None:
+            self._transport = get_transport_class(self.options.transport)(**self.options.transport_kwargs)
+            self._transport.connect(self.engines)
+        return self._transport
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_sender: bool = True) -> PushStats:
+        """Deliver every (hf_name, tensor) to all engines. Non-senders only drain the iterator."""
+        if not is_sender:
+            for _ in named_tensors:
+                pass
+            return PushStats()
+        import ray
+
+        opts = self.options
+        transport = self._sender_transport()
+        stats = PushStats()
+        start = time.perf_counter()
+        self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
+        try:
+            for bucket in iter_buckets(named_tensors, opts.bucket_bytes):
+                want_digest = opts.verify in ("digest", "all")
+                refs = transport.send_bucket(bucket, self.engines, digest=want_digest)
+                reports = self._wait(refs, f"load of bucket {stats.buckets}")
+                if want_digest:
+                    expected = bucket_digest(bucket)
+                    bad = [i for i, r in enumerate(reports) if r.get("digest") != expected]
+                    if bad:
+                        raise WeightPushError(f"bucket {stats.buckets}: engines {bad} received different bytes than sent")
+                stats.buckets += 1
+                stats.tensors += len(bucket)
+                stats.bytes += sum(tensor_nbytes(t) for _, t in bucket)
+                del bucket, refs
+        except BaseException:
+            # Leave the engines in a loadable state (vLLM puts the old kernel tensors back for layers
+            # that did not arrive); the caller sees the original error.
+            try:
+                ray.get([e.finish_weight_update.remote() for e in self.engines], timeout=opts.timeout_s)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        finished = self._wait([e.finish_weight_update.remote() for e in self.engines], "finish_weight_update")
+        stats.seconds = time.perf_counter() - start
+        stats.weights_version = max(f["weights_version"] for f in finished)
+        if stats.tensors == 0:
+            raise WeightPushError("the weight iterator yielded no tensors; nothing was pushed")
+        if opts.verify in ("checksum", "all"):
+            stats.engine_checksums = self._wait([e.weights_checksum.remote() for e in self.engines], "weights_checksum")
+            if len(set(stats.engine_checksums)) != 1:
+                raise WeightPushError(f"engines hold different weights after the push: {stats.engine_checksums}")
+        return stats
+
+    def _wait(self, refs: list, what: str) -> list:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.options.timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise WeightPushError(f"weight push: {what} did not finish within {self.options.timeout_s:.0f} s") from e
+        except ray.exceptions.RayActorError as e:
+            raise WeightPushError(f"weight push: an engine died during {what}: {e}") from e
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
