@@ -1,0 +1,53 @@
+"""megarl training entry point.
+
+    python launch/train.py --config configs/qwen3_30b_a3b_grpo.yaml --tp 4 --ep 8 --rollout.n=16
+    python launch/train.py --config configs/qwen3_235b_a22b_grpo.yaml --nnodes 16 --dry-run
+
+Parses the recipe and overrides, validates everything, prints the resolved config (YAML), and then
+either prints the parallel/memory plan and exits (--dry-run) or hands the config to the trainer.
+A bad config exits with status 2 before any process group, Ray cluster or model exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megarl.config import ConfigError, build_config, parse_cli, to_yaml  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_cli(argv)
+        cfg, warnings = build_config(args.config_path, args.overrides)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("# resolved config" + (f" ({args.config_path})" if args.config_path else ""))
+    print(to_yaml(cfg), end="")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+    if args.dry_run:
+        from megarl.planner import format_plan, plan_run
+
+        try:
+            plan = plan_run(cfg)
+        except ValueError as exc:  # unsupported model type, malformed config.json
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print("# dry-run plan")
+        print(format_plan(plan, cfg))
+        return 2 if plan.errors else 0
+
+    from megarl.trainer import run  # imported only now: the trainer pulls in megatron, vLLM and Ray
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

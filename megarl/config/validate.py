@@ -1,0 +1,282 @@
+"""Checks on relations between fields, run once at start on the resolved config.
+
+Each problem names the field and says what to change. Checks against the model's shape and the
+parallel layout (heads per TP rank, layers per stage, experts per EP rank) live in the dry-run planner
+(`megarl.planner`), which reads the model's config.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from megarl.config.loader import ConfigError
+from megarl.config.resolve import rollout_gpus, train_gpus
+from megarl.config.schema import MegaRLConfig
+
+# (field, module, registry): the registry is a `Registry` (with .names()) or a function returning
+# the registered names. A module that is not importable is skipped (an optional part not installed);
+# `module:function` / `file.py:function` values are user code, loaded and checked when the run starts.
+REGISTRY_CHECKS: list[tuple[str, str, str]] = [
+    ("reward.name", "megarl.rewards.registry", "registered_rewards"),
+    ("algorithm.adv_estimator", "megarl.algorithms", "ADVANTAGE_ESTIMATORS"),
+    ("algorithm.policy_loss", "megarl.algorithms", "POLICY_LOSSES"),
+    ("algorithm.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
+    ("algorithm.kl_loss_type", "megarl.algorithms", "KL_ESTIMATORS"),
+    ("rollout.weight_sync.transport", "megarl.rollout.weight_sync.base", "registered_transports"),
+]
+_NOT_REGISTRY_NAMES = {"auto"}
+
+
+def validate(cfg: MegaRLConfig, *, check_paths: bool = True) -> list[str]:
+    """Raise ConfigError listing every problem of the (resolved) config; return warnings.
+
+    check_paths: also require model.path to hold a config.json and data files to exist.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    for check in (_model, _parallel, _rollout, _data, _reward, _algorithm, _optimizer, _actor, _trainer):
+        check(cfg, errors, warnings)
+    _registries(cfg, errors)
+    if check_paths:
+        _paths(cfg, errors)
+    if errors:
+        raise ConfigError(errors)
+    return warnings
+
+
+def _positive(errors: list[str], where: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _model(cfg, errors, warnings):
+    if not cfg.model.path:
+        errors.append("model.path: required; set it to a HuggingFace model folder "
+                      "(config.json + *.safetensors + tokenizer), e.g. --model.path=/models/Qwen3-30B-A3B")
+
+
+def _parallel(cfg, errors, warnings):
+    p = cfg.parallel
+    for name in ("tp", "pp", "ep", "etp", "cp", "vpp"):
+        _positive(errors, f"parallel.{name}", getattr(p, name))
+    if p.vpp is not None and p.vpp > 1 and p.pp == 1:
+        errors.append(f"parallel.vpp: virtual pipeline stages need parallel.pp > 1 (pp=1, vpp={p.vpp}); "
+                      "unset vpp or raise pp")
+    last = p.num_layers_in_last_pipeline_stage
+    if last is not None and p.pp == 1:
+        errors.append("parallel.num_layers_in_last_pipeline_stage: only meaningful with parallel.pp > 1 (pp=1); unset it")
+    _positive(errors, "parallel.num_layers_in_last_pipeline_stage", last)
+    rc = p.recompute
+    if rc.granularity != "full" and (rc.method is not None or rc.num_layers is not None):
+        errors.append("parallel.recompute.method/num_layers: only used with parallel.recompute.granularity=full "
+                      f"(granularity={rc.granularity!r})")
+    if rc.granularity == "full":
+        if rc.method is None:
+            errors.append("parallel.recompute.method: required with granularity=full (uniform or block)")
+        if rc.num_layers is None:
+            errors.append("parallel.recompute.num_layers: required with granularity=full (e.g. 1)")
+    _positive(errors, "parallel.recompute.num_layers", rc.num_layers)
+
+
+def _rollout(cfg, errors, warnings):
+    r = cfg.rollout
+    _positive(errors, "rollout.n", r.n)
+    _positive(errors, "rollout.max_new_tokens", r.max_new_tokens)
+    _positive(errors, "rollout.tensor_parallel_size", r.tensor_parallel_size)
+    _positive(errors, "rollout.max_turns", r.max_turns)
+    _positive(errors, "rollout.weight_sync.bucket_mb", r.weight_sync.bucket_mb)
+    if r.temperature <= 0:
+        errors.append(f"rollout.temperature: must be > 0 for sampling, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        errors.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    if r.top_k == 0 or r.top_k < -1:
+        errors.append(f"rollout.top_k: must be -1 (off) or >= 1, got {r.top_k}")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        errors.append(f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}")
+    if r.max_turns > 1 and not r.multi_turn_scheduler:
+        errors.append(f"rollout.multi_turn_scheduler: required when rollout.max_turns > 1 (max_turns={r.max_turns})")
+    world = cfg.world_size
+    if r.placement == "disaggregated":
+        if not r.num_engines:
+            errors.append("rollout.num_engines: required with placement=disaggregated (rollout GPUs = "
+                          "num_engines x tensor_parallel_size; training gets the rest)")
+        elif train_gpus(cfg) < 1:
+            errors.append(f"rollout.num_engines: {r.num_engines} engines x TP {r.tensor_parallel_size} = "
+                          f"{rollout_gpus(cfg)} GPUs leaves none of the {world} for training")
+    elif r.tensor_parallel_size > 0:
+        if world % r.tensor_parallel_size:
+            errors.append(f"rollout.tensor_parallel_size: {r.tensor_parallel_size} does not divide the "
+                          f"{world} GPUs (trainer.nnodes x trainer.gpus_per_node)")
+        elif r.num_engines is not None and r.num_engines * r.tensor_parallel_size > world:
+            errors.append(f"rollout.num_engines: {r.num_engines} x TP {r.tensor_parallel_size} needs more than "
+                          f"the {world} GPUs")
+
+
+def _data(cfg, errors, warnings):
+    d = cfg.data
+    _positive(errors, "data.train_batch_size", d.train_batch_size)
+    _positive(errors, "data.max_prompt_length", d.max_prompt_length)
+    _positive(errors, "data.val_batch_size", d.val_batch_size)
+    if not d.train_files:
+        errors.append("data.train_files: required; a list of parquet/jsonl files with one prompt per row")
+
+
+def _reward(cfg, errors, warnings):
+    rw = cfg.reward
+    names = [rw.name] if isinstance(rw.name, str) else rw.name
+    if not names:
+        errors.append("reward.name: give at least one reward name")
+    if rw.weights is not None and len(rw.weights) != len(names):
+        errors.append(f"reward.weights: {len(rw.weights)} weights for {len(names)} reward names {names}")
+    _positive(errors, "reward.timeout_s", rw.timeout_s)
+    _positive(errors, "reward.num_workers", rw.num_workers, allow_zero=True)
+    ob = rw.overlong_buffer
+    if ob.enable:
+        _positive(errors, "reward.overlong_buffer.len", ob.len)
+        if ob.len >= cfg.rollout.max_new_tokens:
+            errors.append(f"reward.overlong_buffer.len: {ob.len} must be smaller than rollout.max_new_tokens "
+                          f"({cfg.rollout.max_new_tokens}); the buffer is the last `len` tokens before the limit")
+
+
+def _algorithm(cfg, errors, warnings):
+    a = cfg.algorithm
+    for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
+        value = getattr(a, name)
+        if value is not None and value < 0:
+            errors.append(f"algorithm.{name}: must be >= 0, got {value}")
+    if a.clip_ratio_low is not None and a.clip_ratio_low >= 1:
+        errors.append(f"algorithm.clip_ratio_low: must be < 1 (the ratio is clipped at 1 - low), got {a.clip_ratio_low}")
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        errors.append(f"algorithm.clip_ratio_c: the dual-clip bound must be > 1, got {a.clip_ratio_c}")
+    if a.adv_estimator in ("grpo", "rloo") and cfg.rollout.n < 2:
+        errors.append(f"rollout.n: {a.adv_estimator} compares responses within a prompt group, so it needs "
+                      f"rollout.n >= 2 (got {cfg.rollout.n})")
+    if a.use_kl_loss and a.use_kl_in_reward:
+        warnings.append("algorithm.use_kl_loss and use_kl_in_reward are both on: the KL is penalised twice")
+    _positive(errors, "algorithm.kl_loss_coef", a.kl_loss_coef, allow_zero=True)
+    if not 0 <= a.gamma <= 1 or not 0 <= a.lam <= 1:
+        errors.append(f"algorithm.gamma/lam: must be in [0, 1], got gamma={a.gamma}, lam={a.lam}")
+    if a.tis.is_cap is not None and a.tis.is_cap <= 0:
+        errors.append(f"algorithm.tis.is_cap: must be > 0 (typically 2.0), got {a.tis.is_cap}")
+    if a.tis.reject_above is not None and a.tis.reject_above <= 1:
+        errors.append(f"algorithm.tis.reject_above: must be > 1 (rho = 1 is always kept), got {a.tis.reject_above}")
+    if a.tis.reject_below is not None and not 0 <= a.tis.reject_below < 1:
+        errors.append(f"algorithm.tis.reject_below: must be in [0, 1), got {a.tis.reject_below}")
+    _positive(errors, "algorithm.dynamic_sampling.max_num_gen_batches", a.dynamic_sampling.max_num_gen_batches,
+              allow_zero=True)
+
+
+def _optimizer(cfg, errors, warnings):
+    o = cfg.optimizer
+    _positive(errors, "optimizer.lr", o.lr)
+    _positive(errors, "optimizer.min_lr", o.min_lr, allow_zero=True)
+    _positive(errors, "optimizer.lr_warmup_steps", o.lr_warmup_steps, allow_zero=True)
+    _positive(errors, "optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    _positive(errors, "optimizer.clip_grad", o.clip_grad, allow_zero=True)
+    if o.min_lr > o.lr:
+        errors.append(f"optimizer.min_lr: {o.min_lr} exceeds optimizer.lr {o.lr}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            errors.append(f"optimizer.{name}: must be in [0, 1), got {getattr(o, name)}")
+    if not 0 <= o.optimizer_offload_fraction <= 1:
+        errors.append(f"optimizer.optimizer_offload_fraction: must be in [0, 1], got {o.optimizer_offload_fraction}")
+    if o.optimizer_offload_fraction > 0 and not o.optimizer_cpu_offload:
+        errors.append("optimizer.optimizer_offload_fraction: > 0 has no effect without "
+                      "optimizer.optimizer_cpu_offload=true; turn that on or set the fraction to 0")
+    if o.overlap_cpu_optimizer_d2h_h2d and not o.optimizer_cpu_offload:
+        errors.append("optimizer.overlap_cpu_optimizer_d2h_h2d: needs optimizer.optimizer_cpu_offload=true")
+    # megatron-core asserts these in OptimizerConfig.__post_init__; say it here, before any work.
+    if o.use_precision_aware_optimizer and not o.use_distributed_optimizer:
+        errors.append("optimizer.use_precision_aware_optimizer: needs optimizer.use_distributed_optimizer=true")
+    if o.optimizer_cpu_offload and not o.use_distributed_optimizer:
+        errors.append("optimizer.optimizer_cpu_offload: needs optimizer.use_distributed_optimizer=true")
+
+
+def _actor(cfg, errors, warnings):
+    ac, d = cfg.actor, cfg.data
+    for name in ("ppo_epochs", "ppo_mini_batch_size", "micro_batch_size", "max_token_len_per_gpu",
+                 "log_prob_max_token_len_per_gpu"):
+        _positive(errors, f"actor.{name}", getattr(ac, name))
+    if ac.ppo_mini_batch_size > d.train_batch_size:
+        errors.append(f"actor.ppo_mini_batch_size: {ac.ppo_mini_batch_size} prompts exceeds "
+                      f"data.train_batch_size {d.train_batch_size}")
+    elif d.train_batch_size % ac.ppo_mini_batch_size:
+        errors.append(f"actor.ppo_mini_batch_size: {ac.ppo_mini_batch_size} does not divide "
+                      f"data.train_batch_size {d.train_batch_size} (both count prompts)")
+    longest = d.max_prompt_length + cfg.rollout.max_new_tokens
+    if ac.use_dynamic_bsz:
+        for name in ("max_token_len_per_gpu", "log_prob_max_token_len_per_gpu"):
+            budget = getattr(ac, name)
+            if budget is not None and budget < longest:
+                errors.append(f"actor.{name}: {budget} tokens cannot hold one sequence of up to {longest} "
+                              f"tokens (data.max_prompt_length + rollout.max_new_tokens); raise it")
+
+
+def _trainer(cfg, errors, warnings):
+    t = cfg.trainer
+    _positive(errors, "trainer.nnodes", t.nnodes)
+    _positive(errors, "trainer.gpus_per_node", t.gpus_per_node)
+    _positive(errors, "trainer.total_steps", t.total_steps)
+    _positive(errors, "trainer.total_epochs", t.total_epochs)
+    _positive(errors, "trainer.keep_last_k", t.keep_last_k)
+    _positive(errors, "trainer.gpu_memory_gib", t.gpu_memory_gib)
+    _positive(errors, "trainer.host_memory_gib", t.host_memory_gib)
+    if t.save_freq < -1:
+        errors.append(f"trainer.save_freq: -1 (end only), 0 (never) or a step count, got {t.save_freq}")
+    if t.test_freq < -1 or t.test_freq == 0:
+        errors.append(f"trainer.test_freq: -1 (never) or a step count, got {t.test_freq}")
+    if not t.resume:
+        errors.append("trainer.resume: auto, disable, or a checkpoint folder")
+    if t.test_freq > 0 and not cfg.data.val_files:
+        errors.append(f"data.val_files: required with trainer.test_freq={t.test_freq}; or set test_freq=-1")
+
+
+def _registries(cfg, errors):
+    for where, module_name, lister_name in REGISTRY_CHECKS:
+        value = _get_dotted(cfg, where)
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else list(value)
+        registered = _registered_names(module_name, lister_name)
+        if registered is None:
+            continue
+        for v in values:
+            if ":" not in v and v not in registered and v not in _NOT_REGISTRY_NAMES:
+                errors.append(f"{where}: {v!r} is not registered; registered: {', '.join(registered)} "
+                              "(or give your own as module:function or path/to/file.py:function)")
+
+
+def _registered_names(module_name: str, attr: str) -> list[str] | None:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    registry = getattr(module, attr, None)
+    if registry is None:
+        return None
+    return list(registry.names() if hasattr(registry, "names") else registry())
+
+
+def _get_dotted(cfg, dotted: str):
+    node = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def _paths(cfg, errors):
+    if cfg.model.path and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        errors.append(f"model.path: {cfg.model.path!r} has no config.json (expected a HuggingFace model folder)")
+    if cfg.model.ref_path and cfg.model.ref_path != cfg.model.path and not os.path.isdir(cfg.model.ref_path):
+        errors.append(f"model.ref_path: {cfg.model.ref_path!r} is not a folder")
+    for key in ("train_files", "val_files"):
+        for i, path in enumerate(getattr(cfg.data, key)):
+            if not os.path.exists(path):
+                errors.append(f"data.{key}[{i}]: {path!r} does not exist")
+    if cfg.reward.custom_function:
+        target = cfg.reward.custom_function.rpartition(":")[0]
+        if target.endswith(".py") and not os.path.isfile(target):
+            errors.append(f"reward.custom_function: file {target!r} does not exist")
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "disable") and not os.path.isdir(resume):
+        errors.append(f"trainer.resume: {resume!r} is neither auto, disable, nor an existing checkpoint folder")
