@@ -15,7 +15,7 @@ from megarl.rewards.registry import register_reward
 # and regex scans of very long degenerate outputs would cost time for nothing.
 GSM8K_TAIL_CHARS = 300
 
-_GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_GSM8K_STRICT = re.compile(r"#### \$?(\-?[0-9\.\,]+)")
 _NUMBER = re.compile(r"\-?[0-9][0-9\,]*(?:\.[0-9]+)?")
 
 
