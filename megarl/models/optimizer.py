@@ -1,0 +1,168 @@
+"""Megatron optimizer and learning-rate schedule for the actor.
+
+`build_optimizer(chunks, options)` returns megatron's own optimizer (`get_megatron_optimizer`: Adam
+or AdamW, optional distributed optimizer, grad clipping, optional CPU offload) and its
+`OptimizerParamScheduler` (linear warmup, then constant / cosine / linear decay to `min_lr`).
+
+CPU offload on a machine without an accelerator: megatron's `HybridDeviceOptimizer` decides what to
+offload by `param.is_cuda`, so on CPU nothing counts as device memory, nothing is offloaded, its
+CPU-copy maps stay empty and the step fails looking parameters up in them. `HostCopyHybridOptimizer`
+keeps megatron's partition, grad copy and copy-back logic and changes only that decision: without an
+accelerator every parameter counts as "device" and its offloaded copy is a separate host tensor, so
+the same code paths run (and are tested) here as on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+LR_DECAY_STYLES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class OptimizerOptions:
+    """Optimizer and schedule settings (units: learning rates absolute, steps = optimizer steps)."""
+
+    optimizer: str = "adam"  # "adam" (AdamW when weight_decay is decoupled) or "sgd"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+    lr_warmup_steps: int = 0
+    lr_warmup_init: float = 0.0  # lr at step 0 of the warmup
+    lr_decay_steps: int | None = None  # default: warmup + 1 (constant after warmup)
+    lr_decay_style: str = "constant"
+    use_distributed_optimizer: bool = False
+    bf16: bool = False
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 1.0  # share of parameters (by numel) whose update runs on CPU
+    overlap_cpu_optimizer_d2h_h2d: bool = False
+    use_precision_aware_optimizer: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            raise ValueError(f"optimizer_offload_fraction must be in [0, 1], got {self.optimizer_offload_fraction}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.lr_warmup_steps:
+            raise ValueError(
+                f"lr_decay_steps ({self.lr_decay_steps}) must exceed lr_warmup_steps ({self.lr_warmup_steps})"
+            )
+
+    def megatron_config(self):
+        from megatron.core.optimizer import OptimizerConfig
+
+        return OptimizerConfig(
+            optimizer=self.optimizer, lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2, adam_eps=self.adam_eps,
+            clip_grad=self.clip_grad, use_distributed_optimizer=self.use_distributed_optimizer,
+            bf16=self.bf16, params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            optimizer_cpu_offload=self.optimizer_cpu_offload,
+            optimizer_offload_fraction=self.optimizer_offload_fraction if self.optimizer_cpu_offload else 0.0,
+            overlap_cpu_optimizer_d2h_h2d=self.overlap_cpu_optimizer_d2h_h2d,
+            use_precision_aware_optimizer=self.use_precision_aware_optimizer,
+            pin_cpu_grads=torch.cuda.is_available(), pin_cpu_params=torch.cuda.is_available(),
+        )
+
+
+def build_optimizer(chunks: list[torch.nn.Module], options: OptimizerOptions):
+    """(megatron optimizer, OptimizerParamScheduler) for DDP-wrapped model chunks."""
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    with _host_copy_offload(options.optimizer_cpu_offload):
+        optimizer = get_megatron_optimizer(options.megatron_config(), list(chunks))
+    decay_steps = options.lr_decay_steps or options.lr_warmup_steps + 1
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=options.lr_warmup_init, max_lr=options.lr, min_lr=options.min_lr,
+        lr_warmup_steps=options.lr_warmup_steps, lr_decay_steps=decay_steps,
+        lr_decay_style=options.lr_decay_style, start_wd=options.weight_decay,
+        end_wd=options.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _hybrid_base():
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    return HybridDeviceOptimizer
+
+
+def _make_host_copy_class():
+    base = _hybrid_base()
+
+    class HostCopyHybridOptimizer(base):
+        """megatron's HybridDeviceOptimizer with "is this parameter in device memory?" answered
+        True for every parameter when there is no accelerator (see the module docstring). The
+        offload fraction, the CPU copies, the grad copies and the copy-back hook are megatron's."""
+
+        def _get_sub_optimizer_param_groups(self, offload_fraction: float):
+            if torch.cuda.is_available():
+                return super()._get_sub_optimizer_param_groups(offload_fraction)
+            params = [p for group in self.param_groups for p in group["params"]]
+            threshold = sum(p.numel() for p in params) * offload_fraction
+            offloaded = 0
+            cpu_groups, device_groups = [], []
+            device_to_copy, copy_to_device, to_fp32 = {}, {}, {}
+            for group in self.param_groups:
+                device_group, cpu_group = {**group, "params": []}, {**group, "params": []}
+                for orig in group["params"]:
+                    param, is_copy = orig, False
+                    if offloaded < threshold:
+                        param = orig.detach().clone()  # the "host" copy the CPU optimizer updates
+                        offloaded += param.numel()
+                        is_copy = True
+                    if self.param_update_in_fp32 and param.dtype != torch.float32:
+                        param = param.detach().clone().float()
+                        to_fp32[orig] = param
+                    if is_copy:
+                        device_to_copy[orig] = param
+                        copy_to_device[param] = orig
+                    (cpu_group if is_copy else device_group)["params"].append(param)
+                if device_group["params"]:
+                    device_groups.append(device_group)
+                if cpu_group["params"]:
+                    cpu_groups.append(cpu_group)
+            return cpu_groups, device_groups, device_to_copy, copy_to_device, to_fp32
+
+    return HostCopyHybridOptimizer
+
+
+_HOST_COPY_CLASS = None
+
+
+@contextlib.contextmanager
+def _host_copy_offload(enabled: bool):
+    """While megatron builds the optimizer, let its HybridDeviceOptimizer name our subclass (both
+    where get_megatron_optimizer constructs it and where the distributed optimizer rebuilds it).
+    isinstance checks against the original class keep working afterwards."""
+    global _HOST_COPY_CLASS
+    if not enabled or torch.cuda.is_available():
+        yield
+        return
+    import megatron.core.optimizer as optimizer_pkg
+    import megatron.core.optimizer.distrib_optimizer as distrib
+
+    if _HOST_COPY_CLASS is None:
+        _HOST_COPY_CLASS = _make_host_copy_class()
+    saved = optimizer_pkg.HybridDeviceOptimizer, distrib.HybridDeviceOptimizer
+    optimizer_pkg.HybridDeviceOptimizer = distrib.HybridDeviceOptimizer = _HOST_COPY_CLASS
+    try:
+        yield
+    finally:
+        optimizer_pkg.HybridDeviceOptimizer, distrib.HybridDeviceOptimizer = saved
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate of the first parameter group (all groups share it unless overridden)."""
+    return float(optimizer.param_groups[0]["lr"])

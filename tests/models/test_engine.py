@@ -1,0 +1,210 @@
+"""MegatronEngine against HF transformers, at many parallel layouts (real megatron-core, gloo).
+
+One gloo world per world size runs every layout of that size (`reset_model_parallel()` between
+them). The reference is HF transformers in fp32 in this process: log-probs, entropy and one
+optimizer step (AdamW + grad-norm clipping, the same loss) on the same tokens. A layout passes when
+its log-probs (padded and packed, with and without temperature) are within 1e-4 of HF's, and its
+training step gives the same loss (1e-5) and the same exported weights (1e-5).
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+
+import pytest
+import torch
+
+from megarl.models.batch import SequenceBatch
+from megarl.testing.distributed import run_on_ranks
+
+LENGTHS = (5, 17, 9, 23, 12, 7, 14, 20)
+PROMPT_LEN = 3
+TEMPERATURE = 0.7
+LR, ADAM_EPS, CLIP = 1e-3, 1e-6, 1.0
+ENTROPY_COEF, SEQ_COEF = 0.01, 0.1
+
+# (name, ParallelLayout kwargs, packed micro-batches in the training step)
+LAYOUTS_WORLD2 = [
+    ("tp1_dp2", {}, True),
+    ("tp2", {"tp": 2}, False),
+    ("pp2", {"pp": 2}, True),
+    ("ep2", {"ep": 2}, False),
+    ("cp2", {"cp": 2}, True),
+]
+LAYOUTS_WORLD4 = [
+    ("tp2_ep2", {"tp": 2, "ep": 2}, True),
+    ("tp2_pp2", {"tp": 2, "pp": 2}, False),
+    ("pp2_ep2", {"pp": 2, "ep": 2}, True),
+]
+
+
+def make_batch() -> SequenceBatch:
+    """Unequal lengths; loss on tokens after a 3-token prompt; one advantage per sequence."""
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in LENGTHS]
+    advantages = torch.randn(len(seqs), generator=gen)
+    loss_mask = [[0.0] * PROMPT_LEN + [1.0] * (n - PROMPT_LEN) for n in LENGTHS]
+    adv = [[float(advantages[i])] * n for i, n in enumerate(LENGTHS)]
+    return SequenceBatch.from_sequences(seqs, loss_mask=loss_mask, advantages=adv)
+
+
+def make_loss_fn(batch: SequenceBatch):
+    """A policy-gradient token loss with an entropy bonus, plus a sequence-level term (square of
+    each sequence's mean log-prob) that is only right if loss_fn sees whole sequences (CP).
+    Normalised by global counts, as the engine's contract requires."""
+    num_loss_tokens = float(batch.fields["loss_mask"].sum())
+    num_sequences = float(len(batch))
+
+    def loss_fn(logprobs, entropy, mb: SequenceBatch):
+        mask, adv = mb.fields["loss_mask"], mb.fields["advantages"]
+        token_loss = (mask * (-adv * logprobs - ENTROPY_COEF * entropy)).sum() / num_loss_tokens
+        seq_mean = (mask * logprobs).sum(1) / mask.sum(1)
+        seq_loss = SEQ_COEF * (seq_mean**2).sum() / num_sequences
+        return token_loss + seq_loss, {"loss_tokens": mask.sum(), "seq_loss": seq_loss.detach()}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: HF transformers, fp32, one sequence at a time (no padding at all).
+
+
+def hf_token_scores(model, batch: SequenceBatch, temperature: float = 1.0):
+    """Token-aligned log-probs and entropy `[B, S]`, like the engine's."""
+    logprobs = torch.zeros(batch.input_ids.shape)
+    entropy = torch.zeros(batch.input_ids.shape)
+    for i, n in enumerate(batch.lengths.tolist()):
+        ids = batch.input_ids[i, :n]
+        logits = model(ids[None]).logits[0, :-1].float() / temperature
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        logprobs[i, 1:n] = log_softmax.gather(-1, ids[1:, None])[:, 0]
+        entropy[i, 1:n] = -(log_softmax.exp() * log_softmax).sum(-1)
+    return logprobs, entropy
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_moe_dir, tmp_path_factory):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch()
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs_t, _ = hf_token_scores(model, batch, TEMPERATURE)
+    logprobs, entropy = hf_token_scores(model, batch)
+    loss, metrics = make_loss_fn(batch)(logprobs, entropy, batch)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS, weight_decay=0.0).step()
+    out = str(tmp_path_factory.mktemp("hf_after_step"))
+    model.save_pretrained(out)  # on-disk (hub) names, as export_hf_weights yields them
+    files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    weights = {k: v for f in files for k, v in load_file(os.path.join(out, f)).items()}
+    before = {k: v for f in os.listdir(tiny_moe_dir) if f.endswith(".safetensors")
+              for k, v in load_file(os.path.join(tiny_moe_dir, f)).items()}
+    return {
+        "logprobs": logprobs.detach(), "entropy": entropy.detach(), "logprobs_t": logprobs_t,
+        "loss": float(loss), "grad_norm": float(grad_norm), "metrics": {k: float(v) for k, v in metrics.items()},
+        "weights": weights, "weights_before": before,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks: every layout of one world size in one launch.
+
+
+def run_layouts(hf_dir: str, layouts: list) -> bytes:
+    """Per-layout results, torch.save'd: tensors sent through the rank queue as they are would be
+    shared-memory handles that die with the rank process."""
+    from megarl.distributed import ParallelLayout
+    from megarl.distributed.init import init_distributed, reset_model_parallel
+    from megarl.models.builder import build_megatron_model
+    from megarl.models.engine import EngineOptions, MegatronEngine, MicroBatchOptions
+    from megarl.models.optimizer import OptimizerOptions
+
+    batch = make_batch()
+    results = {}
+    for name, layout_kwargs, train_packed in layouts:
+        layout = ParallelLayout(**layout_kwargs)
+        init_distributed(layout)
+        engine = MegatronEngine(
+            build_megatron_model(hf_dir, layout),
+            EngineOptions(
+                micro_batches=MicroBatchOptions(max_tokens_per_gpu=32),
+                optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP),
+            ),
+        )
+        logprobs, entropy = engine.forward_logprobs(batch, with_entropy=True)
+        padded, _ = engine.forward_logprobs(batch, micro_batches=MicroBatchOptions(micro_batch_size=2, packed=False))
+        logprobs_t, _ = engine.forward_logprobs(batch, temperature=TEMPERATURE)
+        step = engine.train_step(
+            batch, make_loss_fn(batch), with_entropy=True,
+            micro_batches=MicroBatchOptions(max_tokens_per_gpu=32, packed=train_packed),
+        )
+        weights = {k: v.clone() for k, v in engine.export_hf_weights()}
+        results[name] = {
+            "logprobs": logprobs, "entropy": entropy, "padded": padded, "logprobs_t": logprobs_t,
+            "step": step, "weights": weights if torch.distributed.get_rank() == 0 else None,
+        }
+        del engine
+        gc.collect()
+        reset_model_parallel()
+    buffer = io.BytesIO()
+    torch.save(results, buffer)
+    return buffer.getvalue()
+
+
+def load_results(per_rank: list[bytes]) -> list[dict]:
+    return [torch.load(io.BytesIO(blob), weights_only=False) for blob in per_rank]
+
+
+def check_layouts(per_rank: list[dict], ref: dict, layouts: list) -> None:
+    rows = []
+    for name, _, _ in layouts:
+        got = per_rank[0][name]
+        for other in per_rank[1:]:  # results are identical on every rank
+            assert torch.equal(other[name]["logprobs"], got["logprobs"]), name
+            assert other[name]["step"].loss == got["step"].loss, name
+        diffs = {
+            "logprobs": (got["logprobs"] - ref["logprobs"]).abs().max().item(),
+            "padded": (got["padded"] - ref["logprobs"]).abs().max().item(),
+            "temperature": (got["logprobs_t"] - ref["logprobs_t"]).abs().max().item(),
+            "entropy": (got["entropy"] - ref["entropy"]).abs().max().item(),
+            "loss": abs(got["step"].loss - ref["loss"]),
+            "grad_norm": abs(got["step"].grad_norm - ref["grad_norm"]),
+            "weights": max((got["weights"][k] - ref["weights"][k]).abs().max().item() for k in ref["weights"]),
+        }
+        rows.append((name, diffs, got))
+        print(f"{name:8} " + " ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+    for name, diffs, got in rows:
+        assert set(got["weights"]) == set(ref["weights"]), name
+        for key in ("logprobs", "padded", "temperature", "entropy"):
+            assert diffs[key] <= 1e-4, (name, key, diffs[key])
+        assert diffs["loss"] <= 1e-5 and diffs["weights"] <= 1e-5, (name, diffs)
+        assert diffs["grad_norm"] <= 1e-4 * max(1.0, ref["grad_norm"]), (name, diffs)
+        assert got["step"].metrics["loss_tokens"] == ref["metrics"]["loss_tokens"]
+        assert abs(got["step"].metrics["seq_loss"] - ref["metrics"]["seq_loss"]) <= 1e-6
+        assert got["step"].lr == LR and got["step"].update_successful
+
+
+def test_reference_step_moves_weights(hf_reference):
+    """Guard for the tolerance: the step changes weights by far more than 1e-5."""
+    moved = max((hf_reference["weights"][k] - v).abs().max().item() for k, v in hf_reference["weights_before"].items())
+    assert moved > 5e-4
+    assert hf_reference["grad_norm"] > CLIP  # clipping is exercised
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_layouts_world2_match_hf(tiny_moe_dir, hf_reference):
+    per_rank = load_results(run_on_ranks(run_layouts, 2, args=(tiny_moe_dir, LAYOUTS_WORLD2), timeout=360))
+    check_layouts(per_rank, hf_reference, LAYOUTS_WORLD2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_layouts_world4_match_hf(tiny_moe_dir, hf_reference):
+    per_rank = load_results(run_on_ranks(run_layouts, 4, args=(tiny_moe_dir, LAYOUTS_WORLD4), timeout=360))
+    check_layouts(per_rank, hf_reference, LAYOUTS_WORLD4)
