@@ -7,8 +7,9 @@ TE way. `make_bridge` returns an unmodified mbridge object with three instance-l
 
 - its layer-spec hook returns `megarl.platform.layer_specs.gpt_decoder_block_spec` (TE on CUDA,
   megatron's local spec on CPU);
-- its TransformerConfig gets `megarl.platform.transformer_config_overrides(layout)` (no fusions on
-  CPU, ...) and the model facts mbridge leaves out (Qwen3-MoE top-k renormalisation);
+- its TransformerConfig gets `megarl.platform.transformer_config_overrides(layout)` (parallel sizes,
+  sequence parallelism, no fusions on CPU, ...) and the model facts mbridge leaves out (Qwen3-MoE
+  `norm_topk_prob`);
 - the HF config it reads carries `rope_theta` again.
 
 `BridgeNamedChunk` shows a model chunk to mbridge under TE names (see `megarl.models.naming`), so
@@ -69,14 +70,18 @@ def _model_specific_config(hf_config) -> dict[str, Any]:
     return {}
 
 
-def _layout_config(layout: "ParallelLayout") -> dict[str, Any]:
-    """TransformerConfig fields that follow from the layout but that mbridge does not derive itself."""
-    fields: dict[str, Any] = {}
-    if layout.sequence_parallel is not None:
-        fields["sequence_parallel"] = layout.sequence_parallel
-    if layout.num_layers_in_last_pipeline_stage is not None:
-        fields["num_layers_in_last_pipeline_stage"] = layout.num_layers_in_last_pipeline_stage
-    return fields
+def _pin_output_layer_mapping(bridge: "Bridge", hf_config) -> None:
+    """Give this bridge its own `output_layer.weight` -> HF name entry.
+
+    mbridge's Qwen2/Qwen3 bridges record tied embeddings by writing into the class-level mapping
+    dict, so after one tied model every later bridge of that class in the process (an untied actor,
+    a test's next model) would load `lm_head.weight` from the embedding; the MoE bridges never map
+    tied embeddings at all. An instance-level copy avoids both.
+    """
+    mapping = dict(bridge._DIRECT_MAPPING)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    mapping["output_layer.weight"] = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    bridge._DIRECT_MAPPING = mapping
 
 
 def make_bridge(
@@ -102,12 +107,14 @@ def make_bridge(
     if hf_config.model_type not in supported:
         raise ValueError(f"model_type {hf_config.model_type!r} has no mbridge mapping; supported: {sorted(supported)}")
     bridge = AutoBridge.from_config(hf_config, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    bridge.set_extra_args(
-        **_layout_config(layout),
+    _pin_output_layer_mapping(bridge, hf_config)
+    is_moe = bool(getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None))
+    # Later sources win: model facts, then the device/layout, then the caller's explicit overrides.
+    bridge.set_extra_args(**{
         **_model_specific_config(hf_config),
-        **transformer_config_overrides(layout),
+        **transformer_config_overrides(layout, is_moe=is_moe),
         **(config_overrides or {}),
-    )
+    })
 
     def layer_spec(vp_stage: int | None = None):
         return gpt_decoder_block_spec(bridge.config, vp_stage)

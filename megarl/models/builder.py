@@ -65,7 +65,7 @@ def _check_parallel_state_matches(layout: "ParallelLayout") -> None:
     }
     wanted = {
         "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
-        "etp": layout.etp if layout.etp is not None else layout.tp,
+        "etp": layout.expert_tensor_parallel_size,
         "cp": layout.cp, "vpp": layout.vpp,
     }
     differing = {k: (wanted[k], actual[k]) for k in wanted if wanted[k] != actual[k]}
