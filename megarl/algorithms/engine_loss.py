@@ -1,0 +1,67 @@
+"""Adapters from the losses to the engine's `loss_fn(logprobs, entropy, micro_batch)` contract.
+
+The engine (megarl.models.engine) hands each micro-batch's token-aligned tensors to `loss_fn` as a
+`SequenceBatch` whose `fields` hold the per-token inputs, and SUMS the returned loss gradients and
+metrics over micro-batches and DP ranks. Every rank holds the same global batch, so the normalisers
+are computed once from its loss mask with no communication:
+
+    mask, rej = apply_rollout_rejection(old, rollout, batch.fields["loss_mask"], options.rollout_correction)
+    batch = batch.with_fields(loss_mask=mask)
+    normalisers = compute_loss_normalisers(mask, max_response_length=cfg.max_response_length)
+    engine.train_step(batch, policy_loss_fn(options, normalisers), with_entropy=options.entropy_coeff != 0)
+
+(Call once per mini-batch, i.e. per optimizer step.) Only duck typing on `micro_batch.fields`: no
+import of megarl.models here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megarl.algorithms.aggregation import LossNormalisers
+from megarl.algorithms.loss import PolicyLossOptions, compute_policy_loss
+from megarl.algorithms.preference import compute_sft_loss
+
+
+@dataclass(frozen=True)
+class PolicyLossFields:
+    """Names of the per-token `[b, S]` fields the policy loss reads from the micro-batch."""
+
+    loss_mask: str = "loss_mask"
+    old_log_prob: str = "old_logprobs"
+    advantages: str = "advantages"
+    ref_log_prob: str = "ref_logprobs"
+    rollout_log_prob: str = "rollout_logprobs"
+
+
+def policy_loss_fn(options: PolicyLossOptions, normalisers: LossNormalisers, fields: PolicyLossFields = PolicyLossFields()):
+    """A `loss_fn` for `engine.train_step` computing `compute_policy_loss` on each micro-batch.
+
+    old_logprobs missing = on-policy (log_prob.detach()); ref_logprobs is read only with use_kl_loss;
+    rollout_logprobs is read when present (TIS and mismatch metrics)."""
+
+    def loss_fn(logprobs, entropy, micro_batch):
+        f = micro_batch.fields
+        old = f.get(fields.old_log_prob)
+        return compute_policy_loss(
+            logprobs,
+            logprobs.detach() if old is None else old,
+            f[fields.advantages],
+            f[fields.loss_mask],
+            normalisers,
+            options,
+            ref_log_prob=f[fields.ref_log_prob] if options.use_kl_loss else None,
+            rollout_log_prob=f.get(fields.rollout_log_prob),
+            entropy=entropy,
+        )
+
+    return loss_fn
+
+
+def sft_loss_fn(normalisers: LossNormalisers, *, loss_agg_mode: str = "token-mean", loss_mask_field: str = "loss_mask"):
+    """A `loss_fn` for `engine.train_step` computing the SFT cross-entropy on each micro-batch."""
+
+    def loss_fn(logprobs, entropy, micro_batch):
+        return compute_sft_loss(logprobs, micro_batch.fields[loss_mask_field], normalisers, loss_agg_mode=loss_agg_mode)
+
+    return loss_fn
