@@ -53,7 +53,11 @@ def _set_attrs(obj, **values) -> Undo:
 
 # ---------------------------------------------------------------------------------------------
 # One TorchFunctionMode carries the patches that must see every torch call (device literals,
-# pin_memory, tensor type names, backward). Each patch turns one of its switches on.
+# pin_memory, tensor type names). Each patch turns one of its switches on. torch pops a mode while
+# its handler runs, so code inside a `torch.autograd.backward` issued through the mode runs without
+# it; megatron-core 0.16.1 creates tensors there only via `torch.cuda.current_device()`, which the
+# `cuda_device_queries` patch answers with a real CPU device (checked with activation recompute,
+# MoE aux loss, TP2 and PP2 in tests/platform/test_cpu_compat.py).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -73,8 +77,6 @@ class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         on = self.switches
-        if "backward_under_mode" in on and func in (torch.autograd.backward, torch.Tensor.backward):
-            return self._run_backward_under_mode(func, args, kwargs)
         if "device_literals" in on:
             if "device" in kwargs:
                 kwargs["device"] = _to_cpu_device(kwargs["device"])
@@ -90,28 +92,6 @@ class _CudaToCpuMode(TorchFunctionMode):
         if "cuda_type_names" in on and func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
-
-    def _run_backward_under_mode(self, func, args, kwargs):
-        # torch calls a mode's handler with the mode popped; re-push it and drive the autograd
-        # engine directly (calling torch.autograd.backward here would re-enter this handler).
-        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
-        from torch.autograd.graph import _engine_run_backward
-
-        tensors = args[0]
-        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-        grads = kwargs.get("gradient") if func is torch.Tensor.backward else kwargs.get("grad_tensors")
-        if grads is None and len(args) > 1:
-            grads = args[1]
-        inputs = kwargs.get("inputs")
-        inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
-        create_graph = bool(kwargs.get("create_graph", False))
-        retain_graph = kwargs.get("retain_graph")
-        retain_graph = create_graph if retain_graph is None else retain_graph
-        with self:
-            grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
-            _engine_run_backward(
-                tensors, grads, retain_graph, create_graph, inputs, allow_unreachable=True, accumulate_grad=True
-            )
 
 
 _mode = _CudaToCpuMode()
@@ -140,19 +120,6 @@ def _device_literals() -> Undo:
     CUDA enabled" when the megatron optimizer is built.
     """
     return _mode_switch("device_literals")
-
-
-@_patch("backward_under_mode")
-def _backward_under_mode() -> Undo:
-    """Keep the device rewrites active inside `torch.autograd.backward` / `Tensor.backward`.
-
-    torch pops a TorchFunctionMode while it runs that mode's handler, so everything that runs
-    inside a backward called through the mode (megatron's pipeline `backward_step` calls
-    `torch.autograd.backward`) -- activation-recompute forwards, custom autograd Function
-    backwards -- would see `device="cuda"` literals unpatched and fail with "Torch not compiled
-    with CUDA enabled".
-    """
-    return _mode_switch("backward_under_mode")
 
 
 @_patch("pin_memory")

@@ -127,25 +127,30 @@ def cp_shard(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return torch.cat([parts[rank], parts[2 * cp - 1 - rank]], dim=dim)
 
 
-def train_losses(config, chunks, tokens: torch.Tensor, steps: int = 2, micro_batch: int = 1, lr: float = 0.5):
-    """Mean next-token loss of `tokens` [global_batch, seq+1] for `steps` SGD steps, through megatron's
-    DDP, optimizer and pipeline schedule. Returns the per-step losses (same on every rank)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
+def make_trainer(config, chunks, optimizer: str = "sgd", lr: float = 0.5, distributed_optimizer: bool = False):
+    """megatron DDP wrappers + megatron optimizer for the model chunks: (ddp_chunks, optimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    ddp = [
-        DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=c)
-        for c in chunks
-    ]
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="sgd", lr=lr, weight_decay=0.0, clip_grad=1.0, params_dtype=torch.float32), ddp
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
+    ddp = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c) for c in chunks]
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, clip_grad=1.0, params_dtype=torch.float32,
+                        use_distributed_optimizer=distributed_optimizer),
+        ddp,
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [m.no_sync for m in ddp] if len(ddp) > 1 else ddp[0].no_sync
+    return ddp, opt
+
+
+def train_losses(config, ddp, optimizer, tokens: torch.Tensor, steps: int = 2, micro_batch: int = 1):
+    """Mean next-token loss of `tokens` [global_batch, seq+1] at each of `steps` optimizer steps,
+    through megatron's pipeline schedule. Returns the per-step losses (same on every rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
     per_rank = tokens.size(0) // dp
@@ -198,6 +203,91 @@ def train_losses(config, chunks, tokens: torch.Tensor, steps: int = 2, micro_bat
         dist.all_reduce(value, group=mpu.get_pipeline_model_parallel_group())
         dist.all_reduce(value, group=mpu.get_data_parallel_group())
         losses.append(value.item() / dp)
-    config.finalize_model_grads_func = None
-    config.no_sync_func = None
     return losses
+
+
+def build_and_train(layout, steps: int = 2, num_layers: int = 2, **config_kwargs) -> list[float]:
+    """Build the tiny GPT for `layout` (parallel state already initialised), init, train: losses."""
+    config = tiny_config(layout, num_layers=num_layers, **config_kwargs)
+    chunks = build_tiny_gpt(config)
+    deterministic_init(chunks)
+    ddp, optimizer = make_trainer(config, chunks)
+    return train_losses(config, ddp, optimizer, random_tokens(4, 16), steps=steps)
+
+
+def _cp_gather_objects(obj):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_context_parallel_group()
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+@torch.no_grad()
+def packed_vs_padded_max_diff(chunks, lengths: list[int], pad_packed_to: int = 1, vocab: int = 128, seed: int = 7) -> float:
+    """Max |per-token loss (packed THD) - per-token loss (right-padded [b, s])| over real tokens.
+
+    Sequences of `lengths` are run once as a padded batch and once packed into one THD row (each
+    sequence padded to a multiple of `pad_packed_to`, as CP requires: 2*CP). Under CP every rank
+    holds its load-balanced part of both forms; values are compared by (sequence, position).
+    PP=1 only (one chunk).
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megarl.platform.attention import cp_local_positions, packed_local_layout
+
+    (model,) = chunks
+    model.eval()
+    cp, cp_rank = mpu.get_context_parallel_world_size(), mpu.get_context_parallel_rank()
+    generator = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab, (n + 1,), generator=generator) for n in lengths]
+
+    # padded [b, s]: s a multiple of 2*cp (and of tp for sequence parallelism)
+    multiple = 2 * cp * mpu.get_tensor_model_parallel_world_size()
+    s = -(-max(lengths) // multiple) * multiple
+    tokens = torch.zeros(len(seqs), s + 1, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        tokens[i, : seq.numel()] = seq
+    positions = torch.arange(s).expand(len(seqs), -1)
+    padded = model(cp_shard(tokens[:, :-1]), cp_shard(positions), None, labels=cp_shard(tokens[:, 1:]))  # [b, s/cp]
+    local_pos = cp_local_positions(s, cp, cp_rank)
+    padded_values = {(i, int(p)): float(padded[i, j]) for i in range(len(seqs)) for j, p in enumerate(local_pos)}
+
+    # packed [1, t]: sequence i occupies a slot of padded length L_i
+    slots = [-(-n // pad_packed_to) * pad_packed_to for n in lengths]
+    slot_starts = [0]
+    for n in slots:
+        slot_starts.append(slot_starts[-1] + n)
+    packed_in = torch.zeros(slot_starts[-1], dtype=torch.long)
+    packed_labels = torch.zeros(slot_starts[-1], dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        packed_in[slot_starts[i] : slot_starts[i] + lengths[i]] = seq[:-1]
+        packed_labels[slot_starts[i] : slot_starts[i] + lengths[i]] = seq[1:]
+    cu_padded = torch.tensor(slot_starts, dtype=torch.int32)
+    cu_actual = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    seq_ids, seq_pos = packed_local_layout(cu_padded, cp, cp_rank)
+    index = cu_padded[seq_ids].long() + seq_pos
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_actual,
+        cu_seqlens_kv=cu_actual,
+        cu_seqlens_q_padded=cu_padded if pad_packed_to > 1 else None,
+        cu_seqlens_kv_padded=cu_padded if pad_packed_to > 1 else None,
+        max_seqlen_q=max(slots),
+        max_seqlen_kv=max(slots),
+    )
+    packed = model(packed_in[index][None], seq_pos[None], None, labels=packed_labels[index][None], packed_seq_params=params)[0]
+    packed_values = {(int(i), int(p)): float(v) for i, p, v in zip(seq_ids, seq_pos, packed)}
+
+    all_padded, all_packed = {}, {}
+    for part in _cp_gather_objects(padded_values):
+        all_padded.update(part)
+    for part in _cp_gather_objects(packed_values):
+        all_packed.update(part)
+    model.train()
+    real = [(i, p) for i, n in enumerate(lengths) for p in range(n)]
+    assert all(key in all_packed and key in all_padded for key in real)
+    return max(abs(all_packed[key] - all_padded[key]) for key in real)
