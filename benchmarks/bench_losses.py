@@ -77,7 +77,9 @@ def loss_and_backward(fn, x) -> tuple[float, torch.Tensor, torch.Tensor]:
     return time.perf_counter() - start, loss.detach(), log_prob.grad
 
 
-def main(repeats: int = 10, warmup: int = 2):
+def main(repeats: int = 10, warmup: int = 2, threads: int = 1):
+    # One thread: on shared cores an elementwise op split over 2 threads waits for the slower one.
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = make_inputs()
     norm = compute_loss_normalisers(x["mask"], max_response_length=SEQ - PROMPT)

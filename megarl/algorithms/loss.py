@@ -133,10 +133,10 @@ def compute_policy_loss(
                     "loss_mask still holds tokens the rollout rejection removes: call "
                     "apply_rollout_rejection on the mini-batch before compute_loss_normalisers"
                 )
+        is_weights = truncated_is_weights(old_log_prob, rollout_log_prob, mask, correction)
         if correction.is_cap is not None:
-            weights, _ = truncated_is_weights(old_log_prob, rollout_log_prob, mask, correction)
-            per_token = per_token * weights
-        metrics.update(mismatch_metrics(old_log_prob, rollout_log_prob, mask, normalisers, correction))
+            per_token = per_token * is_weights[0]
+        metrics.update(mismatch_metrics(old_log_prob, rollout_log_prob, mask, normalisers, correction, is_weights))
 
     pg_loss = aggregate_loss(per_token, mask, mode, normalisers)
     loss = pg_loss

@@ -135,16 +135,18 @@ def mismatch_metrics(
     loss_mask: torch.Tensor,
     normalisers: LossNormalisers,
     options: RolloutCorrectionOptions,
+    is_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Token-mean metrics (each this micro-batch's summable share, see loss.py):
     mismatch/log_prob_abs_diff  mean |log pi_old - log pi_rollout|
     mismatch/k3_kl              k3 estimate of KL(pi_rollout || pi_old) (samples come from rollout)
     mismatch/is_weight_mean     mean truncated IS weight (1 when is_cap is None)
     mismatch/is_capped_fraction fraction of loss tokens whose weight hit is_cap
+    is_weights: `truncated_is_weights(...)` if already computed.
     """
     mask = loss_mask.to(old_log_prob.dtype)
     old = old_log_prob.detach()
-    weights, capped = truncated_is_weights(old, rollout_log_prob, loss_mask, options)
+    weights, capped = is_weights or truncated_is_weights(old, rollout_log_prob, loss_mask, options)
     return {
         "mismatch/log_prob_abs_diff": token_share((old - rollout_log_prob).abs(), mask, normalisers),
         "mismatch/k3_kl": token_share(kl_k3(rollout_log_prob, old), mask, normalisers),
