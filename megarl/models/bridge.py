@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 def load_hf_config_for_bridge(hf_dir: str):
     """The folder's HF config, checked for what megarl's mbridge path supports, with `rope_theta` set.
 
-    Raises NotImplementedError (before any model is built) for RoPE scaling and Qwen3-MoE layer
-    patterns that mbridge 0.15.1 does not map (dense layers between MoE layers).
+    Raises NotImplementedError (before any model is built) for what mbridge 0.15.1 would silently
+    build wrong or leave unmapped: RoPE scaling, sliding windows, Qwen3 attention biases, Qwen3-MoE
+    dense layers between MoE layers.
     """
     from transformers import AutoConfig
 
@@ -52,6 +53,10 @@ def load_hf_config_for_bridge(hf_dir: str):
             f"RoPE scaling {rope_type!r} in {hf_dir}: the mbridge path builds plain RoPE only; "
             "remove rope scaling from the config or add it to megarl.models.bridge"
         )
+    if getattr(hf_config, "use_sliding_window", False):
+        raise NotImplementedError(f"{hf_dir}: sliding-window attention is not built by the mbridge path")
+    if hf_config.model_type in ("qwen3", "qwen3_moe") and getattr(hf_config, "attention_bias", False):
+        raise NotImplementedError(f"{hf_dir}: mbridge's Qwen3 mapping has no q/k/v biases (attention_bias=true)")
     if hf_config.model_type == "qwen3_moe":
         if getattr(hf_config, "mlp_only_layers", None) or getattr(hf_config, "decoder_sparse_step", 1) != 1:
             raise NotImplementedError(

@@ -133,7 +133,8 @@ def build_megatron_model(
     model (no gradients, eval mode, never DDP-wrapped). `load_weights=False` leaves megatron's random
     initialisation (seeded by init_distributed). `ddp_config` (a DistributedDataParallelConfig or its
     fields as a dict) is used with `wrap_with_ddp`; default `grad_reduce_in_fp32=True`.
-    `config_overrides` sets any other TransformerConfig field (applied last).
+    `config_overrides` sets any other TransformerConfig field (applied last). With `dtype`
+    bfloat16/float16 each chunk is wrapped in megatron's Float16Module (fp32 logits out).
     """
     import torch.distributed as dist
 
@@ -160,6 +161,11 @@ def build_megatron_model(
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
+    if dtype in (torch.bfloat16, torch.float16):
+        # As megatron's own training does: half-precision modules, fp32 logits out of the last stage.
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(bridge.config, chunk) for chunk in chunks]
     used_ddp_config = None
     if wrap_with_ddp:
         chunks, used_ddp_config = _wrap_with_ddp(chunks, bridge.config, ddp_config)

@@ -3,9 +3,10 @@
 One gloo world per world size runs every layout in turn (megatron import and process start cost
 10-25 s per world). Per layout and rank: the exported names are exactly the safetensors file's (no
 duplicates, every expert once), every tensor is torch.equal to the file's, and -- without PP -- the
-megatron logits of a fixed token sequence match HF transformers' on the same folder. The forward
-check catches mirror-image mistakes that a load+export round trip alone would hide (e.g. TP shards
-swapped on load and swapped back on export).
+megatron logits of a fixed token sequence match HF transformers' on the same folder (without CP,
+too). The forward check catches mirror-image mistakes that a load+export round trip alone would
+hide (e.g. TP shards swapped on load and swapped back on export). A model left at random
+initialisation is the negative control: both checks must fail for it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]
             if name in expected and not torch.equal(tensor, expected[name]):
                 mismatched.append(name)
         logits_diff = None
-        if layout.pp == 1:
+        if layout.pp == 1 and layout.cp == 1:  # PP/CP forwards need the schedule / sequence split
             if key not in hf_logits_cache:
                 hf_logits_cache[key] = _hf_logits(hf_dir)
             logits_diff = (_megatron_logits(handle) - hf_logits_cache[key]).abs().max().item()
@@ -146,6 +147,7 @@ WORLD2_CASES = [
     ("qwen3_moe", {"tp": 2, "etp": 1}, {}),
     ("qwen3_moe", {"pp": 2}, {}),
     ("qwen3_moe", {"ep": 2}, {"wrap_with_ddp": True}),
+    ("qwen3_moe", {"cp": 2}, {}),
     ("qwen3_moe_4layers", {"pp": 2, "vpp": 2}, {}),
     ("qwen3", {}, {"trainable": False}),
     ("qwen3", {}, {"load_weights": False}),
