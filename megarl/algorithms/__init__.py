@@ -20,6 +20,7 @@ from megarl.algorithms.advantages import (
     GroupFilterResult,
     compute_advantages,
     filter_equal_reward_groups,
+    outcome_token_rewards,
     register_advantage,
     sequence_scores,
 )

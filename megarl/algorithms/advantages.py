@@ -44,6 +44,11 @@ class AdvantageOptions:
     epsilon: float = 1e-6
     whiten_gae: bool = True
 
+    @classmethod
+    def from_config(cls, algorithm) -> "AdvantageOptions":
+        """From any object with these field names (megarl.config's AlgorithmConfig)."""
+        return cls(**{f: getattr(algorithm, f) for f in cls.__dataclass_fields__ if hasattr(algorithm, f)})
+
     def __post_init__(self):
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma} lam={self.lam}")
@@ -119,6 +124,23 @@ def group_stats(scores: torch.Tensor, uids) -> GroupStats:
         mean=torch.where(single, torch.zeros_like(mean), mean),
         std=torch.where(single, torch.ones_like(mean), std),
     )
+
+
+def outcome_token_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Place each sequence's outcome score on its last response token: `[batch]` -> `[batch, seq]`.
+
+    Use the RESPONSE mask (every generated token), not a loss mask that filtering may have emptied:
+    a sequence's score must still count in its group's statistics.
+    """
+    has_token = response_mask.bool().any(-1)
+    if not bool(has_token.all()):
+        rows = (~has_token).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no response token to carry their outcome reward")
+    positions = torch.arange(response_mask.shape[-1], device=response_mask.device)
+    last = torch.where(response_mask.bool(), positions, -1).amax(-1)
+    rewards = torch.zeros(response_mask.shape, dtype=torch.float32, device=response_mask.device)
+    rewards[torch.arange(len(last), device=last.device), last] = scores.to(rewards.dtype)
+    return rewards
 
 
 def sequence_scores(token_level_rewards: torch.Tensor) -> torch.Tensor:

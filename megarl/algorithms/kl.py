@@ -91,21 +91,22 @@ class AdaptiveKLController:
 
 @dataclass
 class KLRewardOptions:
-    """use_kl_in_reward options. controller: "fixed" | "adaptive"; estimator: a KL_ESTIMATORS name."""
+    """use_kl_in_reward options (verl's algorithm.kl_ctrl). type: "fixed" | "adaptive";
+    estimator: a KL_ESTIMATORS name (verl's algorithm.kl_penalty)."""
 
-    controller: str = "fixed"
+    type: str = "fixed"
     kl_coef: float = 0.001
     target_kl: float = 0.1
     horizon: int = 10000
     estimator: str = "k1"
 
     def __post_init__(self):
-        if self.controller not in ("fixed", "adaptive"):
-            raise ValueError(f"unknown kl controller {self.controller!r}; registered: adaptive, fixed")
+        if self.type not in ("fixed", "adaptive"):
+            raise ValueError(f"unknown kl controller type {self.type!r}; registered: adaptive, fixed")
         KL_ESTIMATORS.check(self.estimator)
 
     def make_controller(self) -> FixedKLController | AdaptiveKLController:
-        if self.controller == "fixed":
+        if self.type == "fixed":
             return FixedKLController(self.kl_coef)
         return AdaptiveKLController(self.kl_coef, self.target_kl, self.horizon)
 

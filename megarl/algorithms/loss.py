@@ -71,6 +71,19 @@ class PolicyLossOptions:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
 
+    @classmethod
+    def from_config(cls, algorithm) -> "PolicyLossOptions":
+        """From any object with these field names (megarl.config's AlgorithmConfig); its `tis`
+        section (level, is_cap, reject_above, reject_below) becomes `rollout_correction`."""
+        names = [f for f in cls.__dataclass_fields__ if f != "rollout_correction" and hasattr(algorithm, f)]
+        kwargs = {name: getattr(algorithm, name) for name in names}
+        tis = getattr(algorithm, "tis", None)
+        if tis is not None:
+            kwargs["rollout_correction"] = RolloutCorrectionOptions(
+                **{f: getattr(tis, f) for f in RolloutCorrectionOptions.__dataclass_fields__ if hasattr(tis, f)}
+            )
+        return cls(**kwargs)
+
     @property
     def clip_low(self) -> float:
         return self.clip_ratio if self.clip_ratio_low is None else self.clip_ratio_low

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from megarl.algorithms import AdvantageOptions, compute_advantages, filter_equal_reward_groups, sequence_scores
+from megarl.algorithms import (
+    AdvantageOptions,
+    compute_advantages,
+    filter_equal_reward_groups,
+    outcome_token_rewards,
+    sequence_scores,
+)
 
 EPS = 1e-6
 
@@ -144,3 +150,10 @@ def test_dynamic_sampling_drops_groups_with_all_equal_rewards():
 
 def test_sequence_scores_sum_each_row():
     assert sequence_scores(REWARDS).tolist() == [1.0, 0.5, 0.0, 2.0, 1.0, 0.5]
+
+
+def test_outcome_rewards_go_on_the_last_response_token():
+    rewards = outcome_token_rewards(torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 0.5]), MASK)
+    torch.testing.assert_close(rewards, REWARDS, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"rows \[1\] have no response token"):
+        outcome_token_rewards(torch.tensor([1.0, 2.0]), torch.tensor([[0, 1], [0, 0]]))

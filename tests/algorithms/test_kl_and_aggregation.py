@@ -61,9 +61,9 @@ def test_kl_reward_penalty_with_fixed_and_adaptive_controllers():
     assert adaptive.value == pytest.approx(0.1 * 1.004)
     adaptive.update(current_kl=0.04, n_steps=10)  # error -0.2 -> x(1 - 0.02)
     assert adaptive.value == pytest.approx(0.1 * 1.004 * 0.98)
-    assert isinstance(KLRewardOptions(controller="adaptive").make_controller(), AdaptiveKLController)
+    assert isinstance(KLRewardOptions(type="adaptive").make_controller(), AdaptiveKLController)
     with pytest.raises(ValueError, match="registered: adaptive, fixed"):
-        KLRewardOptions(controller="pid")
+        KLRewardOptions(type="pid")
 
 
 # Aggregation: rows with 3, 1 and 0 loss tokens; values under mask 0 (9s) must be ignored.
@@ -121,3 +121,19 @@ def test_option_validation_lists_registered_names_before_any_work():
         PolicyLossOptions(clip_ratio_low=1.2)
     opts = PolicyLossOptions(clip_ratio=0.2, clip_ratio_high=0.28, rollout_correction={"is_cap": 2.0})
     assert (opts.clip_low, opts.clip_high, opts.rollout_correction.is_cap) == (0.2, 0.28, 2.0)
+
+
+def test_options_from_the_config_tree():
+    from megarl.algorithms import AdvantageOptions
+    from megarl.config.schema import AlgorithmConfig, TISConfig
+
+    cfg = AlgorithmConfig(policy_loss="gspo", clip_ratio_high=0.28, loss_agg_mode="seq-mean-token-mean",
+                          use_kl_loss=True, kl_loss_type="k2", norm_adv_by_std=False, gamma=0.9,
+                          tis=TISConfig(level="sequence", is_cap=2.0, reject_above=5.0))
+    opts = PolicyLossOptions.from_config(cfg)
+    assert (opts.policy_loss, opts.clip_high, opts.loss_agg_mode, opts.kl_loss_type) == ("gspo", 0.28, "seq-mean-token-mean", "k2")
+    assert (opts.rollout_correction.level, opts.rollout_correction.is_cap, opts.rollout_correction.reject_above) == ("sequence", 2.0, 5.0)
+    adv = AdvantageOptions.from_config(cfg)
+    assert (adv.norm_adv_by_std, adv.gamma) == (False, 0.9)
+    kl = KLRewardOptions(**vars(cfg.kl_ctrl))
+    assert isinstance(kl.make_controller(), FixedKLController)
