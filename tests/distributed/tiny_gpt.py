@@ -226,13 +226,16 @@ def _cp_gather_objects(obj):
 
 
 @torch.no_grad()
-def packed_vs_padded_max_diff(chunks, lengths: list[int], pad_packed_to: int = 1, vocab: int = 128, seed: int = 7) -> float:
+def packed_vs_padded_max_diff(
+    chunks, lengths: list[int], pad_packed_to: int = 1, vocab: int = 128, seed: int = 7, ignore_boundaries: bool = False
+) -> float:
     """Max |per-token loss (packed THD) - per-token loss (right-padded [b, s])| over real tokens.
 
     Sequences of `lengths` are run once as a padded batch and once packed into one THD row (each
     sequence padded to a multiple of `pad_packed_to`, as CP requires: 2*CP). Under CP every rank
     holds its load-balanced part of both forms; values are compared by (sequence, position).
-    PP=1 only (one chunk).
+    PP=1 only (one chunk). `ignore_boundaries` (negative control, CP1): run the packed row as one
+    long causal sequence, without packed_seq_params.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -279,7 +282,11 @@ def packed_vs_padded_max_diff(chunks, lengths: list[int], pad_packed_to: int = 1
         max_seqlen_q=max(slots),
         max_seqlen_kv=max(slots),
     )
-    packed = model(packed_in[index][None], seq_pos[None], None, labels=packed_labels[index][None], packed_seq_params=params)[0]
+    if ignore_boundaries:
+        params, positions = None, torch.arange(index.numel())[None]
+    else:
+        positions = seq_pos[None]
+    packed = model(packed_in[index][None], positions, None, labels=packed_labels[index][None], packed_seq_params=params)[0]
     packed_values = {(int(i), int(p)): float(v) for i, p, v in zip(seq_ids, seq_pos, packed)}
 
     all_padded, all_packed = {}, {}
