@@ -220,7 +220,8 @@ def reinforce_plus_plus(*, token_level_rewards, response_mask, options: Advantag
 
 @register_advantage("gae")
 def gae(*, token_level_rewards, response_mask, values, options: AdvantageOptions, **_):
-    """Generalised advantage estimation with the critic's `values` `[batch, seq]`.
+    """Generalised advantage estimation with the critic's `values` `[batch, seq]`, aligned like
+    log-probs: values[b, t] = V(state before token t), i.e. the critic's output at position t-1.
 
     delta_t = r_t + gamma * V(next mask token) - V_t;  A_t = delta_t + gamma * lam * A(next mask token).
     The value after the last response token is 0. Tokens outside the mask are skipped (multi-turn
