@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_cli(argv)
-        cfg, warnings = build_config(args.config_path, args.overrides)
+        # A dry run plans from the model's config.json; the data need not be visible from here.
+        cfg, warnings = build_config(args.config_path, args.overrides, check_data_paths=not args.dry_run)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

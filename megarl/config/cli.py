@@ -96,11 +96,11 @@ def parse_cli(argv: list[str]) -> CliArgs:
 
 
 def build_config(config_path: str | None, overrides: list[tuple[str, str]] = (), *,
-                 check_paths: bool = True) -> tuple[MegaRLConfig, list[str]]:
+                 check_paths: bool = True, check_data_paths: bool = True) -> tuple[MegaRLConfig, list[str]]:
     """Recipe + overrides → (resolved MegaRLConfig, warnings); ConfigError on any problem."""
     data = read_yaml(config_path) if config_path else {}
     for dotted, text in overrides:
         set_dotted(data, dotted, CliText(text))
     cfg = resolve(from_dict(MegaRLConfig, data))
-    warnings = validate(cfg, check_paths=check_paths)
+    warnings = validate(cfg, check_paths=check_paths, check_data_paths=check_data_paths)
     return cfg, warnings

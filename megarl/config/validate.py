@@ -27,10 +27,12 @@ REGISTRY_CHECKS: list[tuple[str, str, str]] = [
 _NOT_REGISTRY_NAMES = {"auto"}
 
 
-def validate(cfg: MegaRLConfig, *, check_paths: bool = True) -> list[str]:
+def validate(cfg: MegaRLConfig, *, check_paths: bool = True, check_data_paths: bool = True) -> list[str]:
     """Raise ConfigError listing every problem of the (resolved) config; return warnings.
 
-    check_paths: also require model.path to hold a config.json and data files to exist.
+    check_paths: require model.path to hold a config.json (and the other named files to exist);
+    check_data_paths: with check_paths, also require the data files (a dry run on a login node
+    may not see them).
     """
     errors: list[str] = []
     warnings: list[str] = []
@@ -38,7 +40,7 @@ def validate(cfg: MegaRLConfig, *, check_paths: bool = True) -> list[str]:
         check(cfg, errors, warnings)
     _registries(cfg, errors)
     if check_paths:
-        _paths(cfg, errors)
+        _paths(cfg, errors, check_data_paths)
     if errors:
         raise ConfigError(errors)
     return warnings
@@ -264,12 +266,12 @@ def _get_dotted(cfg, dotted: str):
     return node
 
 
-def _paths(cfg, errors):
+def _paths(cfg, errors, check_data_paths: bool):
     if cfg.model.path and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         errors.append(f"model.path: {cfg.model.path!r} has no config.json (expected a HuggingFace model folder)")
     if cfg.model.ref_path and cfg.model.ref_path != cfg.model.path and not os.path.isdir(cfg.model.ref_path):
         errors.append(f"model.ref_path: {cfg.model.ref_path!r} is not a folder")
-    for key in ("train_files", "val_files"):
+    for key in ("train_files", "val_files") if check_data_paths else ():
         for i, path in enumerate(getattr(cfg.data, key)):
             if not os.path.exists(path):
                 errors.append(f"data.{key}[{i}]: {path!r} does not exist")

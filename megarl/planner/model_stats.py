@@ -116,7 +116,8 @@ class ModelStats:
         heads = _require(config, "num_attention_heads")
         layers = _require(config, "num_hidden_layers")
         head_dim = config.get("head_dim") or hidden // heads
-        num_experts = config.get("num_experts", 0) if model_type == "qwen3_moe" else 0
+        # transformers 5 writes `num_local_experts` where the released config.json files say `num_experts`
+        num_experts = (config.get("num_experts") or config.get("num_local_experts") or 0) if model_type == "qwen3_moe" else 0
         mlp_only = set(config.get("mlp_only_layers") or [])
         step = config.get("decoder_sparse_step", 1) or 1
         moe_layers = tuple(num_experts > 0 and i not in mlp_only and (i + 1) % step == 0 for i in range(layers))
