@@ -55,9 +55,11 @@ class SamplingOptions:
 
 @dataclass
 class RolloutRequest:
-    """One prompt: either chat `messages` (the engine applies the tokenizer's chat template with a
-    generation prompt) or `prompt_token_ids` (used as they are). `sampling` overrides the batch's
-    options for this request; `metadata` travels untouched to the results (e.g. the reward label).
+    """One prompt: chat `messages` (the engine applies the tokenizer's chat template with a
+    generation prompt) or `prompt_token_ids` (used as they are). When both are given the engine sees
+    `prompt_token_ids` and `messages` is carried along as the conversation so far (multi-turn).
+    `sampling` overrides the batch's options for this request; `metadata` travels untouched to the
+    results (e.g. the reward label).
     """
 
     messages: list[Message] | None = None
@@ -66,8 +68,8 @@ class RolloutRequest:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.messages is None) == (self.prompt_token_ids is None):
-            raise ValueError("RolloutRequest needs exactly one of `messages` or `prompt_token_ids`")
+        if self.messages is None and self.prompt_token_ids is None:
+            raise ValueError("RolloutRequest needs `messages` or `prompt_token_ids`")
         if self.messages is not None:
             if not self.messages or not all(isinstance(m, dict) and "role" in m for m in self.messages):
                 raise ValueError("RolloutRequest.messages must be a non-empty list of {'role', 'content'} dicts")

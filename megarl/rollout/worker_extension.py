@@ -34,7 +34,7 @@ class MegarlWorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self._megarl_model())
-        self._megarl_loaded = 0
+        self._megarl_loaded_names = set()
 
     @torch.no_grad()
     def megarl_load_weight_bucket(self, transport: str, payload) -> dict:
@@ -51,7 +51,7 @@ class MegarlWorkerExtension:
             info["digest"] = bucket_digest(named)
         with set_current_vllm_config(self.vllm_config):
             self._megarl_model().load_weights(iter(named))
-        self._megarl_loaded = getattr(self, "_megarl_loaded", 0) + len(named)
+        self._megarl_loaded_names.update(name for name, _ in named)
         return info
 
     def megarl_finish_weight_update(self) -> dict:
@@ -63,12 +63,14 @@ class MegarlWorkerExtension:
         model = self._megarl_model()
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
-        repacked = reprepack_cpu_moe_weights(model)
+        loaded = getattr(self, "_megarl_loaded_names", set())
+        repacked = reprepack_cpu_moe_weights(model, loaded)
         # What vLLM's own GPUModelRunner.reload_weights resets after a reload.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             if hasattr(self.model_runner, reset):
                 getattr(self.model_runner, reset)()
-        return {"tensors": getattr(self, "_megarl_loaded", 0), "cpu_moe_layers_repacked": repacked}
+        self._megarl_loaded_names = set()
+        return {"tensors": len(loaded), "cpu_moe_layers_repacked": repacked}
 
     def megarl_weights_checksum(self) -> str:
         """sha256 over every parameter's bytes as the kernel holds them (names sorted). Equal across

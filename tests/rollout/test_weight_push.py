@@ -1,0 +1,91 @@
+"""Weight push into the shared engine: buckets over the Ray object store, HF-exact log-probs after
+the push, digest and checksum verification, bit-exact restore of the checkpoint."""
+
+import pytest
+import torch
+
+from megarl.rollout import RolloutRequest, SamplingOptions
+from megarl.rollout.weight_sync import (
+    WeightPusher,
+    WeightPushError,
+    WeightPushOptions,
+    get_transport_class,
+    iter_buckets,
+    registered_transports,
+)
+from tests.rollout.reference import checkpoint_state_dict, hf_model_with, max_logprob_error, perturbed_state_dict
+
+REQUESTS = [RolloutRequest(messages=[{"role": "user", "content": "Solve x + 3 = 7."}]), RolloutRequest(prompt_token_ids=[20, 21, 22])]
+SAMPLING = SamplingOptions(n=4, max_tokens=20, seed=5)
+
+
+def test_iter_buckets_groups_by_bytes_in_order():
+    tensors = [(f"w{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate([10, 10, 30, 5, 100, 1])]
+    buckets = list(iter_buckets(iter(tensors), bucket_bytes=80))  # 20 floats per bucket
+    assert [[name for name, _ in b] for b in buckets] == [["w0", "w1"], ["w2"], ["w3"], ["w4"], ["w5"]]
+    assert [name for b in buckets for name, _ in b] == [name for name, _ in tensors]
+    with pytest.raises(ValueError, match="positive"):
+        list(iter_buckets(iter(tensors), 0))
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        list(iter_buckets(iter([("x", [1.0])]), 10))
+
+
+def test_transports_registered_and_gpu_ones_fail_clearly_on_cpu():
+    assert registered_transports() == ["cuda_ipc", "inline", "nccl", "object_store"]
+    for name in ("cuda_ipc", "nccl"):
+        with pytest.raises(RuntimeError, match="object_store"):
+            get_transport_class(name)()
+    with pytest.raises(KeyError, match="registered: .*object_store"):
+        WeightPushOptions(transport="rdma")
+    with pytest.raises(ValueError, match="verify"):
+        WeightPushOptions(verify="maybe")
+
+
+def test_non_sender_only_drains_the_iterator():
+    seen = []
+
+    def stream():
+        for i in range(3):
+            seen.append(i)
+            yield f"w{i}", torch.ones(2)
+
+    stats = WeightPusher(["not-an-engine"]).push(stream(), is_sender=False)
+    assert seen == [0, 1, 2] and stats.tensors == 0
+
+
+@pytest.mark.vllm
+def test_push_makes_engine_equal_to_pushed_weights_then_restores_checkpoint(rollout_group, tiny_moe_dir, hf_model):
+    before = rollout_group.generate(REQUESTS, SAMPLING)
+    checksum_before = rollout_group.weights_checksums()
+    version_before = rollout_group.health()[0].weights_version
+
+    new_weights = perturbed_state_dict(tiny_moe_dir, scale=0.05)
+    options = WeightPushOptions(transport="object_store", bucket_mb=0.04, verify="all", timeout_s=120)
+    stats = rollout_group.push_weights(iter(new_weights.items()), options)
+    assert stats.tensors == len(new_weights) and stats.buckets >= 10
+    assert stats.bytes == sum(t.numel() * 4 for t in new_weights.values())
+    assert stats.weights_version == version_before + 1
+    assert stats.engine_checksums != checksum_before
+
+    after = rollout_group.generate(REQUESTS, SAMPLING)
+    samples_after = [s for r in after for s in r]
+    assert max_logprob_error(hf_model_with(tiny_moe_dir, new_weights), samples_after) < 1e-4
+    assert max_logprob_error(hf_model, samples_after) > 1e-2  # the old weights no longer explain them
+    changed = sum(a.token_ids != b.token_ids for r0, r1 in zip(before, after) for a, b in zip(r0, r1))
+    assert changed >= 6, f"only {changed}/8 samples changed after the push"
+
+    # Push the checkpoint back (one big bucket): bit-identical kernel weights, original samples.
+    restore = rollout_group.push_weights(iter(checkpoint_state_dict(tiny_moe_dir).items()), WeightPushOptions(verify="checksum"))
+    assert restore.buckets == 1 and restore.engine_checksums == checksum_before
+    again = rollout_group.generate(REQUESTS, SAMPLING)
+    assert [[s.token_ids for s in r] for r in again] == [[s.token_ids for s in r] for r in before]
+    assert max_logprob_error(hf_model, [s for r in again for s in r]) < 1e-4
+
+
+@pytest.mark.vllm
+def test_push_of_nothing_is_an_error(rollout_group, hf_model):
+    with pytest.raises(WeightPushError, match="no tensors"):
+        rollout_group.push_weights(iter([]))
+    # The aborted push left the engine's weights as they were.
+    samples = rollout_group.generate(REQUESTS[1:], SamplingOptions(n=2, max_tokens=8, seed=1))[0]
+    assert max_logprob_error(hf_model, samples) < 1e-4
