@@ -93,6 +93,7 @@ def make_bridge(
     hf_dir: str,
     layout: "ParallelLayout",
     *,
+    hf_config=None,
     dtype: torch.dtype = torch.float32,
     make_vocab_size_divisible_by: int | None = None,
     config_overrides: dict[str, Any] | None = None,
@@ -100,6 +101,7 @@ def make_bridge(
     """An mbridge Bridge for `hf_dir` whose TransformerConfig and layer specs fit this device and layout.
 
     Needs megatron's parallel state initialised for `layout` (mbridge reads TP/PP/EP sizes from it).
+    `hf_config` is `load_hf_config_for_bridge(hf_dir)` if the caller has it already.
     `config_overrides` are applied last (any TransformerConfig field, e.g. recompute settings).
     """
     from mbridge import AutoBridge
@@ -107,7 +109,7 @@ def make_bridge(
     from megarl.platform import transformer_config_overrides
     from megarl.platform.layer_specs import gpt_decoder_block_spec
 
-    hf_config = load_hf_config_for_bridge(hf_dir)
+    hf_config = hf_config if hf_config is not None else load_hf_config_for_bridge(hf_dir)
     supported = AutoBridge.list_supported_models()
     if hf_config.model_type not in supported:
         raise ValueError(f"model_type {hf_config.model_type!r} has no mbridge mapping; supported: {sorted(supported)}")

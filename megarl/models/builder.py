@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megarl.models.bridge import load_hf_weights_into_chunks, make_bridge, unwrap_chunk
+from megarl.models.bridge import load_hf_config_for_bridge, load_hf_weights_into_chunks, make_bridge, unwrap_chunk
 from megarl.models.naming import LayerSpecKind, current_layer_spec_kind
 
 if TYPE_CHECKING:
@@ -139,33 +139,33 @@ def build_megatron_model(
     import torch.distributed as dist
 
     from megarl.distributed import ModelShape, validate_layout
-    from megarl.models.bridge import load_hf_config_for_bridge
 
     if wrap_with_ddp and not trainable:
         raise ValueError("wrap_with_ddp=True with trainable=False: a frozen reference model has no gradients to reduce")
-    validate_layout(layout, dist.get_world_size(), ModelShape.from_hf_config(load_hf_config_for_bridge(hf_dir)))
+    hf_config = load_hf_config_for_bridge(hf_dir)
+    validate_layout(layout, dist.get_world_size(), ModelShape.from_hf_config(hf_config))
     _check_parallel_state_matches(layout)
 
     # perform_initialization stays on even when loading: with CPU initialisation megatron sets the
     # tensor-parallel attributes of a parameter (which the export and grad-norm code read) only
     # inside its initialiser.
     bridge = make_bridge(
-        hf_dir, layout, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        hf_dir, layout, hf_config=hf_config, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         config_overrides=config_overrides,
     )
     spec = current_layer_spec_kind()
     chunks = _build_chunks(bridge, layout)
     if load_weights:
         load_hf_weights_into_chunks(bridge, chunks, hf_dir, spec)
-    if not trainable:
-        for chunk in chunks:
-            chunk.requires_grad_(False)
-            chunk.eval()
     if dtype in (torch.bfloat16, torch.float16):
         # As megatron's own training does: half-precision modules, fp32 logits out of the last stage.
         from megatron.core.transformer.module import Float16Module
 
         chunks = [Float16Module(bridge.config, chunk) for chunk in chunks]
+    if not trainable:
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
     used_ddp_config = None
     if wrap_with_ddp:
         chunks, used_ddp_config = _wrap_with_ddp(chunks, bridge.config, ddp_config)

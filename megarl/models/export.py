@@ -10,6 +10,8 @@ sequence: stage by stage, in each stage's parameter order; an expert parameter y
 experts (EP rank 0's first). Routed experts appear under
 `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`, the on-disk HF layout (transformers 5
 fuses experts only in memory).
+
+`save_hf_checkpoint(handle, out_dir)` writes the same stream as a HuggingFace folder.
 """
 
 from __future__ import annotations
@@ -128,3 +130,66 @@ def export_hf_weights(handle: "ModelHandle") -> Iterator[tuple[str, torch.Tensor
                 dist.broadcast(shard, src=src, group=mpu.pp_group)
             for hf_name, tensor in _full_tensors(handle, info, shard):
                 yield hf_name, tensor.contiguous()
+
+
+_CHECKPOINT_SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json",
+)
+
+
+def save_hf_checkpoint(handle: "ModelHandle", out_dir: str, max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+    """Write the model as a HuggingFace folder (safetensors shards + index, config and tokenizer
+    files copied from `handle.hf_dir`). Every rank must call it; global rank 0 writes.
+
+    Shards are written as they fill, so rank 0 holds at most one shard's tensors. Returns the
+    written weight file names on rank 0, [] elsewhere.
+    """
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    writer = dist.get_rank() == 0
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, total_bytes, temp_names, weight_map = 0, 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        temp_name = f"model-part{len(temp_names):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, temp_name), metadata={"format": "pt"})
+        weight_map.update({name: temp_name for name in shard})
+        temp_names.append(temp_name)
+        shard, shard_bytes = {}, 0
+
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    for name, tensor in export_hf_weights(handle):
+        if not writer:
+            continue
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = tensor.cpu()
+        shard_bytes += size
+        total_bytes += size
+    if not writer:
+        return []
+    if shard or not temp_names:
+        flush()
+    # Final names need the shard count, known only now: model.safetensors or model-0000i-of-0000n.
+    count = len(temp_names)
+    final = {t: "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+             for i, t in enumerate(temp_names)}
+    for temp_name, final_name in final.items():
+        os.replace(os.path.join(out_dir, temp_name), os.path.join(out_dir, final_name))
+    if count > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": {name: final[t] for name, t in sorted(weight_map.items())}}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    for side_file in _CHECKPOINT_SIDE_FILES:
+        source = os.path.join(handle.hf_dir, side_file)
+        if os.path.exists(source):
+            shutil.copy2(source, os.path.join(out_dir, side_file))
+    return list(final.values())

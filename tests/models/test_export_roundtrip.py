@@ -58,12 +58,15 @@ def _megatron_logits(handle) -> torch.Tensor:
     return logits
 
 
-def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]]) -> list[dict]:
-    """Rank body: for each (model key, ParallelLayout fields, build kwargs) build, export and compare."""
+def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]], save_dir: str | None = None) -> list[dict]:
+    """Rank body: for each (model key, ParallelLayout fields, build kwargs) build, export and compare.
+
+    The first case with TP > 1 is also saved with `save_hf_checkpoint` to `save_dir` (small shards).
+    """
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from megarl.models.builder import build_megatron_model
-    from megarl.models.export import export_hf_weights
+    from megarl.models.export import export_hf_weights, save_hf_checkpoint
 
     hf_logits_cache: dict[str, torch.Tensor] = {}
     results = []
@@ -94,6 +97,9 @@ def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]
             trainable=handle.trainable,
             loaded=build_kwargs.get("load_weights", True),
         ))
+        if save_dir is not None and layout.tp > 1:
+            save_hf_checkpoint(handle, save_dir, max_shard_bytes=64 * 1024)
+            save_dir = None
         del handle
         reset_model_parallel()
     return results
@@ -167,8 +173,18 @@ WORLD4_CASES = [
 ]
 
 
-def test_roundtrip_and_forward_world2(model_dirs):
-    _assert_all_exact(run_on_ranks(check_layouts, 2, args=(model_dirs, WORLD2_CASES), timeout=300))
+def test_roundtrip_and_forward_world2(model_dirs, tmp_path):
+    saved = str(tmp_path / "saved")
+    _assert_all_exact(run_on_ranks(check_layouts, 2, args=(model_dirs, WORLD2_CASES, saved), timeout=300))
+
+    # The TP2 Qwen3-MoE saved in 64 KiB shards: same tensors as the source, loadable by transformers.
+    with open(os.path.join(saved, "model.safetensors.index.json")) as f:
+        shards = set(json.load(f)["weight_map"].values())
+    assert len(shards) > 1 and all(os.path.exists(os.path.join(saved, shard)) for shard in shards)
+    original, written = _file_tensors(model_dirs["qwen3_moe"]), _file_tensors(saved)
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[name], original[name]) for name in original)
+    assert torch.equal(_hf_logits(saved), _hf_logits(model_dirs["qwen3_moe"]))
 
 
 @pytest.mark.slow
