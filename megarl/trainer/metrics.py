@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 
@@ -46,13 +47,15 @@ def summarize(prefix: str, values) -> dict[str, float]:
 class MetricsLogger:
     """Writes scalars to the console and/or TensorBoard (`<log_dir>/events.out.tfevents.*`)."""
 
-    def __init__(self, log_dir: str | None, backends=("console", "tensorboard"), console_keys=None):
+    def __init__(self, log_dir: str | None, backends=("console", "tensorboard"), console_keys=None,
+                 jsonl_path: str | None = None):
         unknown = set(backends) - {"console", "tensorboard"}
         if unknown:
             raise ValueError(f"unknown logger backend(s) {sorted(unknown)}; choose from console, tensorboard")
         self.console = "console" in backends
         self.console_keys = console_keys
         self.writer = None
+        self.jsonl_path = jsonl_path  # one JSON object per step: the exact values, for tools and tests
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,6 +63,12 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if self.jsonl_path:
+            import json
+
+            os.makedirs(os.path.dirname(os.path.abspath(self.jsonl_path)), exist_ok=True)
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
         if self.writer is not None:
             for key, value in sorted(scalars.items()):
                 self.writer.add_scalar(key, value, step)

@@ -1,0 +1,219 @@
+"""The RL loop (GRPO by default; the PPO family through config), one step at a time:
+
+    prompts → rollout (n per prompt) → rewards → old / reference log-probs → advantages
+            → ppo_epochs × mini-batch updates → weight push → metrics → checkpoint → validation
+
+The driver (this process) holds data, rewards and the loop; the Megatron ranks are Ray actors
+(`MegatronTrainWorker`, driven in lock step) and the rollout engines are vLLM Ray actors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from megarl.checkpoint.store import CheckpointStore, read_trainer_state, resolve_resume
+from megarl.config.resolve import train_gpus
+from megarl.config.schema import MegaRLConfig
+from megarl.trainer import components
+from megarl.trainer.metrics import MetricsLogger, PhaseTimer, summarize
+from megarl.trainer.rollout_batch import build_rollout_batch, mini_batch_indices
+from megarl.trainer.train_worker import MegatronTrainWorker, needs_reference
+
+
+class RLTrainer:
+    def __init__(self, cfg: MegaRLConfig):
+        from megarl.trainer.worker_group import RayWorkerGroup
+        from megarl.utils.ray_runtime import init_ray
+
+        self.cfg = cfg
+        self.out_dir = os.path.abspath(cfg.trainer.output_dir)
+        self.store = CheckpointStore(os.path.join(self.out_dir, "checkpoints"), keep_last=cfg.trainer.keep_last_k)
+        resume_from = resolve_resume(cfg.trainer.resume, self.store)  # a bad path fails before any actor starts
+
+        self.tokenizer = components.load_tokenizer(cfg)
+        self.loader = components.train_loader(cfg, components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files))
+        self.val_set = (components.prompt_dataset(cfg, self.tokenizer, cfg.data.val_files) if cfg.data.val_files else None)
+        self.total_steps = cfg.trainer.total_steps or self.loader.total_batches
+        self.mini_batches_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
+        self.rewards = components.reward_manager(cfg)
+        self.sampling = components.sampling_options(cfg)
+        self.kl_controller = None
+        if cfg.algorithm.use_kl_in_reward:
+            from megarl.algorithms import KLRewardOptions
+
+            k = cfg.algorithm.kl_ctrl
+            self.kl_controller = KLRewardOptions(k.type, k.kl_coef, k.target_kl, k.horizon).make_controller()
+
+        init_ray(min_cpus=4)
+        cpu = not torch.cuda.is_available()
+        self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1)
+        total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
+        self.workers = RayWorkerGroup(
+            MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates),
+            num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1,
+        )
+        transport = cfg.rollout.weight_sync.transport
+        if transport == "auto":
+            transport = "object_store" if cpu or cfg.rollout.placement == "disaggregated" else "cuda_ipc"
+        self.workers.call_all("attach_rollout", self.rollout.engines, transport, cfg.rollout.weight_sync.bucket_mb)
+        self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(cfg.trainer.logger),
+                                    jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
+        self.step = 0
+        if resume_from:
+            self._load(resume_from)
+
+    # ---------------------------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        history = []
+        if self.step > 0:  # the engines started from the HF folder: give them the checkpoint's weights
+            self.workers.call_all("push_weights")
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            self.step += 1
+            if self._due(self.cfg.trainer.save_freq) or (self.step == self.total_steps and self.cfg.trainer.save_freq != 0):
+                timer = PhaseTimer()
+                with timer.phase("save"):
+                    self.save()
+                metrics.update(timer.metrics() | {"timing_s/step": metrics["timing_s/step"] + timer.seconds["save"]})
+            if self.val_set is not None and self._due(self.cfg.trainer.test_freq):
+                metrics.update(self.validate())
+            self.logger.log(self.step, metrics)
+            history.append(metrics)
+        return history
+
+    def train_step(self) -> dict:
+        cfg, timer = self.cfg, PhaseTimer()
+        prompts = next(self.loader).samples
+        with timer.phase("generate"):
+            results = self.rollout.generate(self._requests(prompts, self.sampling), self.sampling)
+        samples = [s for per_prompt in results for s in per_prompt]
+        uids = [f"{self.step}/{i}" for i, per_prompt in enumerate(results) for _ in per_prompt]
+        with timer.phase("reward"):
+            reward = self._score(prompts, results)
+        rollout = build_rollout_batch(samples, reward.scores, uids)
+        batch = rollout.sequences
+        mini_batches = mini_batch_indices(len(rollout), cfg.actor.ppo_mini_batch_size * cfg.rollout.n)
+
+        with timer.phase("old_logprob"):
+            batch = batch.with_fields(old_logprobs=self.workers.call_rank0("compute_logprobs", batch, "actor", mini_batches))
+        if needs_reference(cfg):
+            with timer.phase("ref_logprob"):
+                batch = batch.with_fields(ref_logprobs=self.workers.call_rank0("compute_logprobs", batch, "ref"))
+        with timer.phase("advantage"):
+            batch, adv_metrics = self._advantages(batch, rollout.uids)
+        with timer.phase("update"):
+            updates = self.workers.call_rank0("update", batch, mini_batches)
+        with timer.phase("weight_push"):
+            push = self.workers.call_rank0("push_weights")
+
+        metrics = {**reward.metrics, **adv_metrics, **push, **_mean_of(updates)}
+        metrics.update(self._rollout_metrics(rollout, batch))
+        metrics.update(timer.metrics())
+        metrics["perf/tokens_per_s"] = batch.num_tokens / max(metrics["timing_s/step"], 1e-9)
+        return metrics
+
+    # ---------------------------------------------------------------------------------- parts
+    def _requests(self, prompts, sampling):
+        from megarl.rollout import RolloutRequest
+
+        # One seed per (run seed, step, prompt): a resumed run samples exactly what the original did.
+        base = self.cfg.trainer.seed * 1_000_003 + self.step * 10_007
+        return [
+            RolloutRequest(prompt_token_ids=p.prompt_ids, messages=p.messages,
+                           sampling=sampling.with_(seed=(base + i) % 2**31) if sampling.temperature > 0 else None)
+            for i, p in enumerate(prompts)
+        ]
+
+    def _score(self, prompts, results):
+        from megarl.rewards.manager import RewardRequest
+
+        return self.rewards.score([
+            RewardRequest(p.data_source, s.text, p.ground_truth, p.extra_info, len(s.token_ids), s.messages)
+            for p, per_prompt in zip(prompts, results) for s in per_prompt
+        ])
+
+    def _advantages(self, batch, uids):
+        from megarl.algorithms import AdvantageOptions, apply_kl_penalty, compute_advantages
+
+        a = self.cfg.algorithm
+        mask = batch.fields["loss_mask"]
+        token_rewards, metrics = batch.fields["token_rewards"], {}
+        if self.kl_controller is not None:
+            token_rewards, metrics = apply_kl_penalty(token_rewards, batch.fields["old_logprobs"],
+                                                      batch.fields["ref_logprobs"], mask, self.kl_controller)
+        advantages, returns = compute_advantages(
+            a.adv_estimator, token_rewards, mask, uids=uids,
+            options=AdvantageOptions(gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std))
+        valid = mask.bool()
+        metrics.update(summarize("critic/advantages", advantages[valid].tolist()))
+        metrics.update(summarize("critic/rewards", token_rewards.sum(-1).tolist()))
+        return batch.with_fields(advantages=advantages, returns=returns), metrics
+
+    def _rollout_metrics(self, rollout, batch) -> dict:
+        from megarl.algorithms import kl_divergence
+
+        lengths = rollout.response_lengths
+        metrics = {
+            "response_length/mean": sum(lengths) / len(lengths),
+            "response_length/max": float(max(lengths)),
+            "response_length/min": float(min(lengths)),
+            "response_length/clip_ratio": sum(rollout.truncated) / len(rollout.truncated),
+        }
+        # train–rollout mismatch: the trainer's old log-probs vs the engine's, on generated tokens
+        mask = batch.fields["loss_mask"].bool()
+        old, engine = batch.fields["old_logprobs"][mask], batch.fields["rollout_logprobs"][mask]
+        metrics["rollout/logprob_abs_diff_mean"] = float((old - engine).abs().mean())
+        metrics["rollout/logprob_abs_diff_max"] = float((old - engine).abs().max())
+        metrics["rollout/kl_k3"] = float(kl_divergence(engine, old, "k3").mean())
+        return metrics
+
+    def validate(self) -> dict:
+        """Greedy pass@1 on the validation set; a few generations go to the log."""
+        from megarl.rollout import SamplingOptions  # noqa: F401  (type of the options below)
+
+        prompts = [self.val_set[i] for i in range(len(self.val_set))]
+        if self.cfg.data.val_batch_size:
+            prompts = prompts[: self.cfg.data.val_batch_size]
+        greedy = components.sampling_options(self.cfg, validation=True)
+        results = self.rollout.generate(self._requests(prompts, greedy), greedy)
+        reward = self._score(prompts, results)
+        shown = "\n\n".join(f"Q: {p.messages[-1]['content']}\nA: {r[0].text!r} → {s:.2f}"
+                            for p, r, s in list(zip(prompts, results, reward.scores))[:3])
+        self.logger.log_text(self.step, "val/generations", shown)
+        return {"val/reward/mean": sum(reward.scores) / len(reward.scores),
+                "val/pass@1": sum(s >= 1.0 for s in reward.scores) / len(reward.scores)}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save(self) -> str:
+        pending = self.store.begin(self.step)
+        self.workers.call_all("save_checkpoint", pending.path)
+        state = {"loader": self.loader.state_dict(), "config": dataclasses.asdict(self.cfg)}
+        if self.kl_controller is not None:
+            state["kl_coef"] = self.kl_controller.value
+        return self.store.commit(pending, state)
+
+    def _load(self, path: str) -> None:
+        state = read_trainer_state(path)
+        self.workers.call_all("load_checkpoint", path)
+        self.loader.load_state_dict(state["loader"])
+        if self.kl_controller is not None and "kl_coef" in state:
+            self.kl_controller.value = state["kl_coef"]
+        self.step = int(state["step"])
+        print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _due(self, freq: int) -> bool:
+        return freq > 0 and self.step % freq == 0
+
+    def close(self) -> None:
+        self.logger.close()
+        self.rewards.close()
+        self.workers.shutdown()
+        self.rollout.shutdown()
+
+
+def _mean_of(per_update: list[dict]) -> dict:
+    keys = sorted({k for m in per_update for k in m})
+    return {k: sum(m[k] for m in per_update if k in m) / sum(k in m for m in per_update) for k in keys}
