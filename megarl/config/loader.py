@@ -57,7 +57,7 @@ def _describe(tp) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list (items: {_describe(typing.get_args(tp)[0])})"
     if origin in (Union, types.UnionType):
         parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in typing.get_args(tp) else "")

@@ -13,8 +13,8 @@ from megarl.config.loader import ConfigError
 from megarl.config.resolve import rollout_gpus, train_gpus
 from megarl.config.schema import MegaRLConfig
 
-# (field, module, registry): the registry is a `Registry` (with .names()) or a function returning
-# the registered names. A module that is not importable is skipped (an optional part not installed);
+# (field, module, registry): the registry is a `Registry` (with .names()), a dict keyed by name, or a
+# function returning the registered names. A module that is not importable is skipped (an optional part not installed);
 # `module:function` / `file.py:function` values are user code, loaded and checked when the run starts.
 REGISTRY_CHECKS: list[tuple[str, str, str]] = [
     ("reward.name", "megarl.rewards.registry", "registered_rewards"),
@@ -23,6 +23,7 @@ REGISTRY_CHECKS: list[tuple[str, str, str]] = [
     ("algorithm.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
     ("algorithm.kl_loss_type", "megarl.algorithms", "KL_ESTIMATORS"),
     ("rollout.weight_sync.transport", "megarl.rollout.weight_sync.base", "registered_transports"),
+    ("rollout.multi_turn_scheduler", "megarl.rollout.multi_turn", "_SCHEDULERS"),
 ]
 _NOT_REGISTRY_NAMES = {"auto"}
 
@@ -245,7 +246,7 @@ def _registries(cfg, errors):
         for v in values:
             if ":" not in v and v not in registered and v not in _NOT_REGISTRY_NAMES:
                 errors.append(f"{where}: {v!r} is not registered; registered: {', '.join(registered)} "
-                              "(or give your own as module:function or path/to/file.py:function)")
+                              "(or give your own as module:name or path/to/file.py:name)")
 
 
 def _registered_names(module_name: str, attr: str) -> list[str] | None:
@@ -256,6 +257,8 @@ def _registered_names(module_name: str, attr: str) -> list[str] | None:
     registry = getattr(module, attr, None)
     if registry is None:
         return None
+    if isinstance(registry, dict):
+        return sorted(registry)
     return list(registry.names() if hasattr(registry, "names") else registry())
 
 

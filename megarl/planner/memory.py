@@ -36,8 +36,6 @@ class MemoryAssumptions:
     vocab_pad_multiple: int = 128
     rollout_overhead_gib: float = 3.0
     """vLLM's own activations, CUDA graphs and allocator slack inside its memory share."""
-    cuda_context_gib: float = 1.0
-    """CUDA context + NCCL buffers per process, outside every pool."""
 
 
 @dataclass(frozen=True)

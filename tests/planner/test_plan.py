@@ -127,3 +127,27 @@ def test_disaggregated_placement_trains_on_the_rest():
     assert plan.errors == []
     assert plan.parallel.train_gpus == 160 - 2 * 16 and plan.parallel.dp == 4
     assert plan.memory.rollout.resident_train_bytes == 0
+
+
+def test_interleaved_pipeline_and_block_recompute_by_hand():
+    """VPP: rank 0 keeps (pp-1)*2 + (vpp-1)*pp + 1 chunk-micro-batches; block recompute keeps inputs only
+    for the first `num_layers` layers of the stage."""
+    hf = {"model_type": "qwen3", "hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256, "vocab_size": 512,
+          "tie_word_embeddings": False}
+    base = {"model.path": "/m", "data.train_files": ["x"], "trainer.gpus_per_node": 2, "parallel.pp": 2,
+            "actor.micro_batch_size": 1, "data.max_prompt_length": 60, "rollout.max_new_tokens": 4,
+            "rollout.n": 2, "actor.ppo_mini_batch_size": 2, "data.train_batch_size": 2}
+    per_layer_full = (128 + (128 + 2 * 64) + 128 + 128 + 3 * 256) * 64 * 2  # 64 tokens, bf16
+    boundary = 128 * 64 * 2
+
+    cfg = load_config(None, {**base, "parallel.vpp": 2}, check_paths=False)
+    stage0 = plan_run(cfg, hf_config=hf).memory.stages[0]
+    chunk_microbatches = (2 - 1) * 2 + (2 - 1) * 2 + 1  # 5 chunks of 2 layers each
+    assert stage0.activation_bytes == int(chunk_microbatches * 2 * per_layer_full)
+
+    cfg = load_config(None, {**base, "parallel.recompute.granularity": "full", "parallel.recompute.method": "block",
+                             "parallel.recompute.num_layers": 1}, check_paths=False)
+    stage0 = plan_run(cfg, hf_config=hf).memory.stages[0]
+    # 2 micro-batches in flight on stage 0: layer 0 keeps its input, layers 1-3 everything; + layer 0 recomputed
+    assert stage0.activation_bytes == int(2 * (boundary + 3 * per_layer_full) + per_layer_full)
