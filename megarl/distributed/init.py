@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from megarl.distributed.layout import LayoutError, ModelShape, ParallelLayout, validate_layout
-from megarl.distributed.layout import _check_sizes, _check_world
 from megarl.platform.device import accelerator_available, apply_device_compat, collective_backend
 
 _ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -38,15 +37,21 @@ class DistributedInfo:
     dp_rank: int
 
 
-def _init_process_group(timeout_s: float) -> None:
+def _world_size() -> int:
     if dist.is_initialized():
-        return
+        return dist.get_world_size()
     missing = [name for name in _ENV_VARS if name not in os.environ]
     if missing:
         raise RuntimeError(
             f"torch.distributed is not initialised and {missing} are not set: launch with torchrun, "
             "or set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (and LOCAL_RANK) in the Ray actor's environment"
         )
+    return int(os.environ["WORLD_SIZE"])
+
+
+def _init_process_group(timeout_s: float) -> None:
+    if dist.is_initialized():
+        return
     if accelerator_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
@@ -73,18 +78,13 @@ def init_distributed(
     needs `reset_model_parallel()` first. Seeds megatron's RNG tracker (per-TP/EP-rank streams)
     with `seed`, and torch's default generator with `seed`.
     """
+    global _current_layout
+    world_size = _world_size()
+    validate_layout(layout, world_size, shape, seq_length)
+    _init_process_group(timeout_s)
+    apply_device_compat()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    global _current_layout
-    _check_sizes(layout)
-    _init_process_group(timeout_s)
-    world_size = dist.get_world_size()
-    if shape is not None:
-        validate_layout(layout, world_size, shape, seq_length)
-    else:
-        _check_world(layout, world_size)
-    apply_device_compat()
 
     if parallel_state.model_parallel_is_initialized():
         if _current_layout != layout:

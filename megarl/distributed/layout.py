@@ -208,20 +208,23 @@ def _check_sequence(layout: ParallelLayout, seq_length: int) -> None:
         )
 
 
-def validate_layout(layout: ParallelLayout, world_size: int, shape: ModelShape, seq_length: int | None = None) -> None:
+def validate_layout(
+    layout: ParallelLayout, world_size: int, shape: ModelShape | None = None, seq_length: int | None = None
+) -> None:
     """Raise LayoutError (what to change) unless `layout` runs `shape` on `world_size` ranks.
 
-    `seq_length` (tokens per padded sequence, or per packed micro-batch) is checked when given.
+    Without `shape` only the sizes and the rank grid are checked; `seq_length` (tokens per padded
+    sequence, or per packed micro-batch) is checked when given.
     """
     _check_sizes(layout)
     if layout.sequence_parallel and layout.tp == 1:
         raise LayoutError("sequence_parallel=True needs TP > 1: set tp >= 2 or sequence_parallel=None")
-    if layout.etp is not None and not shape.is_moe and layout.etp != layout.tp:
-        raise LayoutError(f"etp={layout.etp} only applies to mixture-of-experts models: leave etp unset")
     _check_world(layout, world_size)
-    _check_attention(layout, shape)
-    _check_experts(layout, shape)
-    _check_pipeline(layout, shape)
+    if shape is not None:
+        if layout.etp is not None and not shape.is_moe and layout.etp != layout.tp:
+            raise LayoutError(f"etp={layout.etp} only applies to mixture-of-experts models: leave etp unset")
+        _check_attention(layout, shape)
+        _check_experts(layout, shape)
+        _check_pipeline(layout, shape)
     if seq_length is not None:
         _check_sequence(layout, seq_length)
-
