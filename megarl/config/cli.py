@@ -79,12 +79,13 @@ def parse_cli(argv: list[str]) -> CliArgs:
         if eq:
             value = inline_value
             i += 1
-        elif i + 1 < len(argv):
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
             i += 2
         else:
-            errors.append(f"{name}: missing value")
-            break
+            errors.append(f"{name}: missing value (write {name}=VALUE)")
+            i += 1
+            continue
         if name == "--config":
             config_path = value
         else:

@@ -140,6 +140,10 @@ def test_cli_rejects_unknown_flags_and_bad_text():
         parse_cli(["--rollout_tp", "4"])
     assert info.value.errors[0].startswith("--rollout_tp: unrecognised argument")
     with pytest.raises(ConfigError) as info:
+        parse_cli(["--actor.param_offload", "--dry-run", "--tp"])
+    assert info.value.errors == ["--actor.param_offload: missing value (write --actor.param_offload=VALUE)",
+                                 "--tp: missing value (write --tp=VALUE)"]
+    with pytest.raises(ConfigError) as info:
         build_config(None, [("model.path", "/m"), ("data.train_files", "x"), ("parallel.tp", "four")],
                      check_paths=False)
     assert info.value.errors == ["parallel.tp: expected an integer, got 'four'"]
