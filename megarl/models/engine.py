@@ -248,13 +248,14 @@ class MegatronEngine:
             return output, loss_func
 
         outputs = run_schedule(self.handle.chunks, micro_batches, forward_step, forward_only=False, pos=pos)
+        lr = current_lr(self.optimizer)  # the rate this update uses; the scheduler then advances
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
         metrics = self._sum_metrics(outputs, pos)
         return StepResult(
             loss=metrics.pop("loss"), grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            lr=current_lr(self.optimizer), update_successful=bool(update_successful),
+            lr=lr, update_successful=bool(update_successful),
             num_micro_batches=len(micro_batches), metrics=metrics,
         )
 

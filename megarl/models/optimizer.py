@@ -54,6 +54,14 @@ class OptimizerOptions:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
             raise ValueError(f"optimizer_offload_fraction must be in [0, 1], got {self.optimizer_offload_fraction}")
+        if self.optimizer_cpu_offload and self.use_distributed_optimizer and not self.bf16:
+            # The distributed optimizer hands fp32 parameters to its inner optimizer as views of the
+            # grad buffer; the offload optimizer is rebuilt from them and torch refuses non-leaf
+            # tensors ("can't optimize a non-leaf Tensor"). With bf16 params the shards are fp32 clones.
+            raise ValueError(
+                "optimizer_cpu_offload with use_distributed_optimizer needs bf16=True (fp32 parameters "
+                "cannot be offloaded by megatron's distributed optimizer); or turn one of them off"
+            )
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.lr_warmup_steps:
             raise ValueError(
                 f"lr_decay_steps ({self.lr_decay_steps}) must exceed lr_warmup_steps ({self.lr_warmup_steps})"
@@ -161,6 +169,19 @@ def _host_copy_offload(enabled: bool):
         yield
     finally:
         optimizer_pkg.HybridDeviceOptimizer, distrib.HybridDeviceOptimizer = saved
+
+
+def offloaded_fraction(optimizer) -> float:
+    """Share of this rank's optimizer parameters (by numel) whose update runs in host memory."""
+    base = _hybrid_base()
+    offloaded = total = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = sub.optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        total += sum(p.numel() for p in params)
+        if isinstance(inner, base):
+            offloaded += sum(p.numel() for opt in inner.cpu_optimizers for g in opt.param_groups for p in g["params"])
+    return offloaded / total if total else 0.0
 
 
 def current_lr(optimizer) -> float:

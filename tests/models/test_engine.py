@@ -25,19 +25,29 @@ TEMPERATURE = 0.7
 LR, ADAM_EPS, CLIP = 1e-3, 1e-6, 1.0
 ENTROPY_COEF, SEQ_COEF = 0.01, 0.1
 
-# (name, ParallelLayout kwargs, packed micro-batches in the training step)
+OFFLOAD_HALF = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}
+OFFLOAD_ALL_OVERLAP = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0, "overlap_cpu_optimizer_d2h_h2d": True}
+
+# (name, model ("2l": tiny_moe_dir, "4l": 4-layer variant for VPP), ParallelLayout kwargs,
+#  packed micro-batches in the training step, OptimizerOptions overrides)
 LAYOUTS_WORLD2 = [
-    ("tp1_dp2", {}, True),
-    ("tp2", {"tp": 2}, False),
-    ("pp2", {"pp": 2}, True),
-    ("ep2", {"ep": 2}, False),
-    ("cp2", {"cp": 2}, True),
+    ("tp1_dp2", "2l", {}, True, {}),
+    ("tp2", "2l", {"tp": 2}, False, {}),
+    ("pp2", "2l", {"pp": 2}, True, {}),
+    ("ep2", "2l", {"ep": 2}, False, {}),
+    ("cp2", "2l", {"cp": 2}, True, {}),
+    ("pp2_vpp2", "4l", {"pp": 2, "vpp": 2}, True, {}),
+    ("tp1_dp2_offload", "2l", {}, True, OFFLOAD_HALF),
+    ("ep2_distopt", "2l", {"ep": 2}, False, {"use_distributed_optimizer": True}),
 ]
 LAYOUTS_WORLD4 = [
-    ("tp2_ep2", {"tp": 2, "ep": 2}, True),
-    ("tp2_pp2", {"tp": 2, "pp": 2}, False),
-    ("pp2_ep2", {"pp": 2, "ep": 2}, True),
+    ("tp2_ep2", "2l", {"tp": 2, "ep": 2}, True, {}),
+    ("tp2_pp2", "2l", {"tp": 2, "pp": 2}, False, {}),
+    ("pp2_ep2", "2l", {"pp": 2, "ep": 2}, True, {}),
+    ("tp2_ep2_offload", "2l", {"tp": 2, "ep": 2}, True, OFFLOAD_ALL_OVERLAP),
 ]
+# an offloaded optimizer step must equal the plain one
+SAME_AS = {"tp1_dp2_offload": "tp1_dp2", "ep2_distopt": "ep2", "tp2_ep2_offload": "tp2_ep2"}
 
 
 def make_batch() -> SequenceBatch:
@@ -85,7 +95,19 @@ def hf_token_scores(model, batch: SequenceBatch, temperature: float = 1.0):
 
 
 @pytest.fixture(scope="module")
-def hf_reference(tiny_moe_dir, tmp_path_factory):
+def model_dirs(tiny_moe_dir, tmp_path_factory):
+    from megarl.utils.tiny_models import TinyModelSpec, write_tiny_model
+
+    four_layers = write_tiny_model(str(tmp_path_factory.mktemp("tiny_moe_4l")), TinyModelSpec(num_layers=4))
+    return {"2l": tiny_moe_dir, "4l": four_layers}
+
+
+@pytest.fixture(scope="module")
+def hf_reference(model_dirs, tmp_path_factory):
+    return {key: hf_reference_for(path, tmp_path_factory) for key, path in model_dirs.items()}
+
+
+def hf_reference_for(tiny_moe_dir, tmp_path_factory):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -115,25 +137,26 @@ def hf_reference(tiny_moe_dir, tmp_path_factory):
 # Ranks: every layout of one world size in one launch.
 
 
-def run_layouts(hf_dir: str, layouts: list) -> bytes:
+def run_layouts(model_dirs: dict, layouts: list, schedule_check: bool = False) -> bytes:
     """Per-layout results, torch.save'd: tensors sent through the rank queue as they are would be
-    shared-memory handles that die with the rank process."""
+    shared-memory handles that die with the rank process. `schedule_check` adds the learning
+    rates of 5 steps with warmup + cosine decay under "_schedule"."""
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from megarl.models.builder import build_megatron_model
     from megarl.models.engine import EngineOptions, MegatronEngine, MicroBatchOptions
-    from megarl.models.optimizer import OptimizerOptions
+    from megarl.models.optimizer import OptimizerOptions, offloaded_fraction
 
     batch = make_batch()
     results = {}
-    for name, layout_kwargs, train_packed in layouts:
+    for name, model, layout_kwargs, train_packed, optimizer_kwargs in layouts:
         layout = ParallelLayout(**layout_kwargs)
         init_distributed(layout)
         engine = MegatronEngine(
-            build_megatron_model(hf_dir, layout),
+            build_megatron_model(model_dirs[model], layout),
             EngineOptions(
                 micro_batches=MicroBatchOptions(max_tokens_per_gpu=32),
-                optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP),
+                optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP, **optimizer_kwargs),
             ),
         )
         logprobs, entropy = engine.forward_logprobs(batch, with_entropy=True)
@@ -147,9 +170,19 @@ def run_layouts(hf_dir: str, layouts: list) -> bytes:
         results[name] = {
             "logprobs": logprobs, "entropy": entropy, "padded": padded, "logprobs_t": logprobs_t,
             "step": step, "weights": weights if torch.distributed.get_rank() == 0 else None,
+            "offloaded": offloaded_fraction(engine.optimizer),
         }
         del engine
         gc.collect()
+        reset_model_parallel()
+    if schedule_check:
+        layout = ParallelLayout()
+        init_distributed(layout)
+        schedule = OptimizerOptions(lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=4, lr_decay_style="cosine")
+        engine = MegatronEngine(build_megatron_model(model_dirs["2l"], layout), EngineOptions(optimizer=schedule))
+        small = batch.select([0, 1])
+        results["_schedule"] = [engine.train_step(small, make_loss_fn(small), with_entropy=True).lr for _ in range(5)]
+        del engine
         reset_model_parallel()
     buffer = io.BytesIO()
     torch.save(results, buffer)
@@ -160,9 +193,10 @@ def load_results(per_rank: list[bytes]) -> list[dict]:
     return [torch.load(io.BytesIO(blob), weights_only=False) for blob in per_rank]
 
 
-def check_layouts(per_rank: list[dict], ref: dict, layouts: list) -> None:
+def check_layouts(per_rank: list[dict], refs: dict, layouts: list) -> None:
     rows = []
-    for name, _, _ in layouts:
+    for name, model, _, _, _ in layouts:
+        ref = refs[model]
         got = per_rank[0][name]
         for other in per_rank[1:]:  # results are identical on every rank
             assert torch.equal(other[name]["logprobs"], got["logprobs"]), name
@@ -178,7 +212,19 @@ def check_layouts(per_rank: list[dict], ref: dict, layouts: list) -> None:
         }
         rows.append((name, diffs, got))
         print(f"{name:8} " + " ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-    for name, diffs, got in rows:
+    for name, plain in SAME_AS.items():
+        if name in per_rank[0]:
+            a, b = per_rank[0][name], per_rank[0][plain]
+            diff = max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"])
+            print(f"{name} vs {plain}: weights {diff:.2e} loss {abs(a['step'].loss - b['step'].loss):.2e}")
+            assert diff <= 1e-6 and abs(a["step"].loss - b["step"].loss) <= 1e-6, (name, diff)
+    for name, _, _, _, optimizer_kwargs in layouts:
+        fraction = optimizer_kwargs.get("optimizer_offload_fraction", 0.0) if optimizer_kwargs.get("optimizer_cpu_offload") else 0.0
+        offloaded = [r[name]["offloaded"] for r in per_rank]
+        # megatron offloads whole parameters until the fraction is reached
+        assert all(fraction <= o < fraction + 0.35 if fraction else o == 0.0 for o in offloaded), (name, offloaded)
+    for (name, diffs, got), layout in zip(rows, layouts):
+        ref = refs[layout[1]]
         assert set(got["weights"]) == set(ref["weights"]), name
         for key in ("logprobs", "padded", "temperature", "entropy"):
             assert diffs[key] <= 1e-4, (name, key, diffs[key])
@@ -191,20 +237,23 @@ def check_layouts(per_rank: list[dict], ref: dict, layouts: list) -> None:
 
 def test_reference_step_moves_weights(hf_reference):
     """Guard for the tolerance: the step changes weights by far more than 1e-5."""
-    moved = max((hf_reference["weights"][k] - v).abs().max().item() for k, v in hf_reference["weights_before"].items())
-    assert moved > 5e-4
-    assert hf_reference["grad_norm"] > CLIP  # clipping is exercised
+    for ref in hf_reference.values():
+        moved = max((ref["weights"][k] - v).abs().max().item() for k, v in ref["weights_before"].items())
+        assert moved > 5e-4
+        assert ref["grad_norm"] > CLIP  # clipping is exercised
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_layouts_world2_match_hf(tiny_moe_dir, hf_reference):
-    per_rank = load_results(run_on_ranks(run_layouts, 2, args=(tiny_moe_dir, LAYOUTS_WORLD2), timeout=360))
+def test_layouts_world2_match_hf(model_dirs, hf_reference):
+    per_rank = load_results(run_on_ranks(run_layouts, 2, args=(model_dirs, LAYOUTS_WORLD2, True), timeout=360))
     check_layouts(per_rank, hf_reference, LAYOUTS_WORLD2)
+    # megatron's OptimizerParamScheduler: linear warmup from 0 over 2 steps, cosine to min_lr at step 4
+    assert per_rank[0]["_schedule"] == pytest.approx([0.0, 5e-4, 1e-3, 5.5e-4, 1e-4], abs=1e-12)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_layouts_world4_match_hf(tiny_moe_dir, hf_reference):
-    per_rank = load_results(run_on_ranks(run_layouts, 4, args=(tiny_moe_dir, LAYOUTS_WORLD4), timeout=360))
+def test_layouts_world4_match_hf(model_dirs, hf_reference):
+    per_rank = load_results(run_on_ranks(run_layouts, 4, args=(model_dirs, LAYOUTS_WORLD4), timeout=360))
     check_layouts(per_rank, hf_reference, LAYOUTS_WORLD4)
