@@ -31,7 +31,8 @@ class ModelHandle:
     """A built model and what is needed to map it back to HF.
 
     `chunks` has one module per virtual pipeline stage held by this rank (length 1 without VPP),
-    DDP-wrapped when built with `wrap_with_ddp=True`.
+    DDP-wrapped when built with `wrap_with_ddp=True`. A handle belongs to the layout it was built
+    for: after `reset_model_parallel()` its process groups are gone (export refuses it).
     """
 
     chunks: list[torch.nn.Module]
@@ -49,7 +50,7 @@ class ModelHandle:
         return [unwrap_chunk(chunk) for chunk in self.chunks]
 
 
-def _check_parallel_state_matches(layout: "ParallelLayout") -> None:
+def check_parallel_state_matches(layout: "ParallelLayout") -> None:
     """The model is built for megatron's current parallel state; refuse a different layout."""
     from megatron.core import parallel_state as mpu
 
@@ -144,7 +145,7 @@ def build_megatron_model(
         raise ValueError("wrap_with_ddp=True with trainable=False: a frozen reference model has no gradients to reduce")
     hf_config = load_hf_config_for_bridge(hf_dir)
     validate_layout(layout, dist.get_world_size(), ModelShape.from_hf_config(hf_config))
-    _check_parallel_state_matches(layout)
+    check_parallel_state_matches(layout)
 
     # perform_initialization stays on even when loading: with CPU initialisation megatron sets the
     # tensor-parallel attributes of a parameter (which the export and grad-norm code read) only

@@ -104,12 +104,28 @@ def _full_tensors(handle: "ModelHandle", info: _ShardInfo, shard: torch.Tensor) 
     yield from zip(*bridge._weight_to_hf_format(info.name, full))
 
 
+def _check_handle_is_current(handle: "ModelHandle") -> None:
+    """A handle built before megatron's parallel state was re-initialised holds destroyed process
+    groups; collectives on them would fail obscurely or hang. Refuse it."""
+    from megatron.core import parallel_state
+
+    from megarl.models.builder import check_parallel_state_matches
+
+    check_parallel_state_matches(handle.layout)
+    mpu = bridge_mpu(handle)
+    if mpu.tp_group is not parallel_state.get_tensor_model_parallel_group() or (
+        mpu.pp_group is not parallel_state.get_pipeline_model_parallel_group()
+    ):
+        raise RuntimeError("this ModelHandle predates the current megatron parallel state; build the model again")
+
+
 def export_hf_weights(handle: "ModelHandle") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, full tensor) for every tensor of the HF checkpoint, one at a time.
 
     Identical sequence on every rank; every rank must iterate to the end (collectives inside). The
     tensors are fresh copies (never views of the model's parameters) in the parameters' dtype.
     """
+    _check_handle_is_current(handle)
     mpu = bridge_mpu(handle)
     local = _local_shards(handle)
     device = local[0][1].device

@@ -102,13 +102,38 @@ def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]
             save_dir = None
         del handle
         reset_model_parallel()
+    results.append(_stale_handle_is_refused(model_dirs["qwen3"]))
     return results
+
+
+def _stale_handle_is_refused(hf_dir: str) -> dict:
+    """A handle whose process groups were destroyed (reset + re-init) must raise, not hang."""
+    from megarl.distributed import ParallelLayout
+    from megarl.distributed.init import init_distributed, reset_model_parallel
+    from megarl.models.builder import build_megatron_model
+    from megarl.models.export import export_hf_weights
+
+    layout = ParallelLayout()
+    init_distributed(layout)
+    handle = build_megatron_model(hf_dir, layout)
+    reset_model_parallel()
+    init_distributed(layout)
+    try:
+        next(export_hf_weights(handle))
+        refused = False
+    except RuntimeError:
+        refused = True
+    reset_model_parallel()
+    return dict(case="stale handle", stale_handle_refused=refused)
 
 
 def _assert_all_exact(per_rank: list[list[dict]]) -> None:
     for rank, results in enumerate(per_rank):
         for result in results:
             where = f"rank {rank}, {result['case']}"
+            if "stale_handle_refused" in result:
+                assert result["stale_handle_refused"], where
+                continue
             if not result["loaded"]:  # negative control: random weights must fail both checks
                 assert len(result["mismatched"]) == len(set(result["mismatched"])) > 10, where
                 assert result["logits_max_abs_diff"] > 0.1, where
