@@ -3,9 +3,10 @@
     python launch/train.py --config configs/qwen3_30b_a3b_grpo.yaml --tp 4 --ep 8 --rollout.n=16
     python launch/train.py --config configs/qwen3_235b_a22b_grpo.yaml --nnodes 16 --dry-run
 
-Parses the recipe and overrides, validates everything, prints the resolved config (YAML), and then
-either prints the parallel/memory plan and exits (--dry-run) or hands the config to the trainer.
-A bad config exits with status 2 before any process group, Ray cluster or model exists.
+Parses the recipe and overrides, validates everything, prints the resolved config (YAML), checks the
+parallel layout against the model's config.json, and then either prints the parallel/memory plan and
+exits (--dry-run) or hands the config to the trainer. A bad config or layout exits with status 2
+before any process group, Ray cluster or model exists.
 """
 
 from __future__ import annotations
@@ -32,17 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
-    if args.dry_run:
-        from megarl.planner import format_plan, plan_run
+    from megarl.planner import format_plan, plan_run
 
-        try:
-            plan = plan_run(cfg)
-        except ValueError as exc:  # unsupported model type, malformed config.json
+    try:
+        plan = plan_run(cfg)
+    except ValueError as exc:  # a model type the planner does not know, a malformed config.json
+        if args.dry_run:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        print(f"warning: layout not checked before start: {exc}", file=sys.stderr)
+        plan = None
+    if args.dry_run:
         print("# dry-run plan")
         print(format_plan(plan, cfg))
         return 2 if plan.errors else 0
+    if plan is not None:
+        # The layout is checked here too, so a real run with a bad layout stops before any process starts.
+        for line in plan.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        if plan.errors:
+            print("error: the parallel layout does not fit the model or the cluster:\n"
+                  + "\n".join(f"  - {e}" for e in plan.errors), file=sys.stderr)
+            return 2
 
     from megarl.trainer import run  # imported only now: the trainer pulls in megatron, vLLM and Ray
 

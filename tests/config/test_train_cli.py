@@ -62,11 +62,17 @@ def test_missing_data_files_stop_a_real_run_but_not_a_dry_run(capsys, trainer_sp
     assert out.rstrip().endswith("plan: OK")
 
 
-def test_dry_run_with_a_bad_layout_exits_2(capsys, trainer_spy, tiny_moe_dir):
-    rc, out, _ = _run_main(capsys, ["--config", TINY_RECIPE, f"--model.path={tiny_moe_dir}", "--ep", "3",
-                                    "--gpus-per-node", "3", "--dry-run"])
+def test_bad_layout_exits_2_with_or_without_dry_run(capsys, trainer_spy, tiny_moe_dir, tmp_path):
+    bad_layout = ["--config", TINY_RECIPE, f"--model.path={tiny_moe_dir}", "--ep", "3", "--gpus-per-node", "3"]
+    rc, out, _ = _run_main(capsys, [*bad_layout, "--dry-run"])
     assert rc == 2
     assert "ERROR parallel: 4 experts are not divisible by EP=3" in out
+    train = tmp_path / "train.parquet"
+    train.write_bytes(b"")
+    rc, _, err = _run_main(capsys, [*bad_layout, f"--data.train_files=[{train}]", "--data.val_files=[]",
+                                    "--trainer.test_freq=-1"])
+    assert rc == 2 and trainer_spy == []
+    assert "error: the parallel layout does not fit the model or the cluster:\n  - parallel: 4 experts" in err
 
 
 def test_script_runs_standalone_without_the_trainer_or_a_process_group(tiny_moe_dir):
