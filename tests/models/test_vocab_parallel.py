@@ -68,12 +68,12 @@ def test_bad_inputs_are_rejected():
         vocab_parallel_logprobs_entropy(logits, targets[:, :2])
 
 
-def _tp2_rank():
+def _tp2_rank(dtype):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    logits, targets, g_lp, g_h = _problem(torch.float64)
+    logits, targets, g_lp, g_h = _problem(dtype)
     shard = VOCAB // world
     local = logits[..., rank * shard : (rank + 1) * shard]
     logprob, entropy, grad = _ours(local, targets, g_lp, g_h, TEMPERATURE, tp_group=dist.group.WORLD)
@@ -81,16 +81,17 @@ def _tp2_rank():
 
 
 @pytest.mark.timeout(120)
-def test_tp2_matches_tp1_values_and_gradients():
-    logits, targets, g_lp, g_h = _problem(torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_tp2_matches_tp1_values_and_gradients(dtype):
+    logits, targets, g_lp, g_h = _problem(dtype)
     tp1 = _ours(logits, targets, g_lp, g_h, TEMPERATURE)
-    ref = _reference(logits, targets, g_lp, g_h, TEMPERATURE)
-    ranks = run_on_ranks(_tp2_rank, world_size=2, timeout=100)
+    ref = _reference(logits.double(), targets, g_lp.double(), g_h.double(), TEMPERATURE)
+    ranks = run_on_ranks(_tp2_rank, world_size=2, args=(dtype,), timeout=100)
     for rank_logprob, rank_entropy, _ in ranks:  # identical on every TP rank
         torch.testing.assert_close(rank_logprob, tp1[0], atol=1e-6, rtol=0)
         torch.testing.assert_close(rank_entropy, tp1[1], atol=1e-6, rtol=0)
     grad_tp2 = torch.cat([grad for _, _, grad in ranks], dim=-1)  # each rank's vocab slice
     torch.testing.assert_close(grad_tp2, tp1[2], atol=1e-6, rtol=0)
-    torch.testing.assert_close(grad_tp2, ref[2], atol=1e-6, rtol=0)
-    torch.testing.assert_close(tp1[0], ref[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(tp1[1], ref[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_tp2.double(), ref[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tp1[0].double(), ref[0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(tp1[1].double(), ref[1], atol=2e-6, rtol=0)
