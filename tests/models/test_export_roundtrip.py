@@ -20,6 +20,8 @@ import torch
 
 from megarl.testing.distributed import run_on_ranks
 
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
+
 TOKENS = [[5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 2, 180]]  # [batch=1, seq=12]; 12 divisible by TP 2 (SP)
 LOGITS_TOLERANCE = 1e-4
 
@@ -107,7 +109,8 @@ def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]
 
 
 def _stale_handle_is_refused(hf_dir: str) -> dict:
-    """A handle whose process groups were destroyed (reset + re-init) must raise, not hang."""
+    """A handle whose process groups were destroyed (reset + re-init) must raise, not hang; so must
+    building for a layout other than the initialised one."""
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from megarl.models.builder import build_megatron_model
@@ -123,8 +126,13 @@ def _stale_handle_is_refused(hf_dir: str) -> dict:
         refused = False
     except RuntimeError:
         refused = True
+    try:  # the parallel state is TP1; a TP2 layout must be refused before anything is built
+        build_megatron_model(hf_dir, ParallelLayout(tp=2))
+        mismatch_refused = False
+    except ValueError as error:
+        mismatch_refused = "re-run init_distributed" in str(error)
     reset_model_parallel()
-    return dict(case="stale handle", stale_handle_refused=refused)
+    return dict(case="stale handle / layout mismatch", stale_handle_refused=refused and mismatch_refused)
 
 
 def _assert_all_exact(per_rank: list[list[dict]]) -> None:
