@@ -22,6 +22,9 @@ LAYOUTS = {
     "dp2": dict(),
     "tp2_ep2_etp1": dict(tp=2, ep=2, etp=1),
 }
+# Why transformer_config_overrides sets batch_p2p_comm=False, overlap_p2p_comm=True for VPP on gloo:
+# megatron's default batched p2p is silently wrong there.
+VPP_BATCHED_P2P = dict(batch_p2p_comm=True, overlap_p2p_comm=False)
 PACKED_LAYOUTS = {"cp2": dict(cp=2), "tp2": dict(tp=2)}
 LENGTHS = [5, 9, 6]
 
@@ -30,7 +33,7 @@ def _layers(layout_kwargs) -> int:
     return 4 if layout_kwargs.get("vpp") else 2  # VPP2 x PP2 needs 4 layers
 
 
-def _world(layouts, packed_layouts):
+def _world(layouts, packed_layouts, vpp_batched_p2p=False):
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from tests.distributed import tiny_gpt
@@ -40,6 +43,11 @@ def _world(layouts, packed_layouts):
         layout = ParallelLayout(**kwargs)
         init_distributed(layout)
         losses[name] = tiny_gpt.build_and_train(layout, steps=2, num_layers=_layers(kwargs))
+        reset_model_parallel()
+    if vpp_batched_p2p:
+        layout = ParallelLayout(pp=2, vpp=2)
+        init_distributed(layout)
+        losses["vpp_batched_p2p"] = tiny_gpt.build_and_train(layout, steps=2, num_layers=4, **VPP_BATCHED_P2P)
         reset_model_parallel()
     for name, kwargs in packed_layouts.items():
         layout = ParallelLayout(**kwargs)
@@ -75,7 +83,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def world2():
-    return run_on_ranks(_world, world_size=2, args=(LAYOUTS, PACKED_LAYOUTS), timeout=360)
+    return run_on_ranks(_world, world_size=2, args=(LAYOUTS, PACKED_LAYOUTS, True), timeout=360)
 
 
 @pytest.mark.timeout(600)
@@ -93,6 +101,14 @@ def test_layout_matches_single_process(reference, world2, name):
     for rank, result in enumerate(world2):
         got = result["losses"][name]
         assert got == pytest.approx(expected, abs=1e-5, rel=0), (name, rank, got, expected)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.distributed
+def test_vpp_with_batched_p2p_over_gloo_is_wrong(reference, world2):
+    """The negative control for the VPP p2p override: megatron's default gives other losses."""
+    wrong = world2[0]["losses"]["vpp_batched_p2p"]
+    assert max(abs(a - b) for a, b in zip(wrong, reference["losses"][4])) > 1e-2, wrong
 
 
 @pytest.mark.timeout(600)

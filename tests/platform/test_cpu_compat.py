@@ -18,7 +18,7 @@ ABLATIONS = {
     "cuda_type_names": ({}, "train", "AssertionError", "", "core/optimizer/clip_grads.py"),
     "cuda_device_queries": ({}, "train", "AssertionError", "Torch not compiled with CUDA enabled", "distributed/param_and_grad_buffer.py"),
     "cpu_rng_tracker": ({}, "seed", "AssertionError", "Torch not compiled with CUDA enabled", "tensor_parallel/random.py"),
-    "cuda_streams_events": ({}, "build_moe", "", "", "moe/token_dispatcher.py"),
+    "cuda_streams_events": ({}, "build_moe", "RuntimeError", "torch.cuda.Stream requires CUDA support", "moe/token_dispatcher.py"),
     "moe_te_general_gemm": ({}, "train", "NameError", "te_general_gemm", "moe/moe_utils.py"),
     "alltoall_split_sizes_numpy": ({"ep": 2}, "train", "TypeError", "all_to_all_single", "moe/token_dispatcher.py"),
     "uneven_gather_scatter": ({"tp": 2}, "uneven_collectives", "RuntimeError", "invalid tensor size", "tensor_parallel/mappings.py"),
