@@ -71,7 +71,9 @@ class EngineGroup:
         )
         self.slots = slots or create_engine_slots(placement, timeout_s=options.start_timeout_s)
         self.engines = [self._start_actor(i) for i in range(options.num_engines)]
-        self._stale: set[int] = set()  # restarted engines that missed weight pushes
+        self._stale: set[int] = set()  # restarted engines that may have missed weight pushes
+        self._versions = [0] * options.num_engines  # each engine's weights version, as last seen
+        self._required_version = 0  # what a restarted engine must reach before it serves again
         self._wait_started(range(options.num_engines))
 
     # ---------------------------------------------------------------- actors
@@ -107,8 +109,10 @@ class EngineGroup:
             ray.kill(self.engines[index], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        self._required_version = max(self._required_version, *self._versions)
         self.engines[index] = self._start_actor(index)
         self._wait_started([index])
+        self._versions[index] = 0
         self._stale.add(index)
 
     # ---------------------------------------------------------------- generation
@@ -131,18 +135,20 @@ class EngineGroup:
         usable = [i for i in range(len(self.engines)) if i not in self._stale]
         if not usable:
             raise EngineDiedError(
-                "no engine holds the current weights: every engine was restarted after a weight push and "
-                "has the checkpoint's weights; push weights again before generating"
+                f"no engine holds the current weights (version {self._required_version}): every engine was "
+                "restarted after a weight push and has the checkpoint's weights; push weights again before generating"
             )
         return usable
 
     def _refresh_stale(self) -> None:
-        """A stale engine becomes usable again once a push has reached it (versions equal)."""
+        """A restarted engine serves again once a push has brought it to the version the group had
+        seen before the restart (pushes may come from another process, so ask the engines)."""
         import ray
 
-        versions = ray.get([e.health.remote() for e in self.engines], timeout=60)
-        current = max(h.weights_version for i, h in enumerate(versions) if i not in self._stale) if len(self._stale) < len(self.engines) else 0
-        self._stale = {i for i in self._stale if versions[i].weights_version < current}
+        health = ray.get([self.engines[i].health.remote() for i in sorted(self._stale)], timeout=60)
+        for h in health:
+            self._versions[h.engine_index] = h.weights_version
+        self._stale = {i for i in self._stale if self._versions[i] < self._required_version}
 
     def _generate_once(self, requests, sampling, todo, results, retries_left: int) -> list[int]:
         import ray
@@ -153,7 +159,7 @@ class EngineGroup:
         for slot, indices in enumerate(assignment):
             if indices:
                 engine = usable[slot]
-                pending[self.engines[engine].generate.remote([requests[i] for i in indices], sampling)] = (engine, indices)
+                pending[self.engines[engine].generate_tagged.remote([requests[i] for i in indices], sampling)] = (engine, indices)
         failed: list[int] = []
         deadline = time.monotonic() + self.options.generate_timeout_s
         while pending:
@@ -166,7 +172,8 @@ class EngineGroup:
             ref = ready[0]
             engine, indices = pending.pop(ref)
             try:
-                for i, res in zip(indices, ray.get(ref), strict=True):
+                self._versions[engine], outputs = ray.get(ref)
+                for i, res in zip(indices, outputs, strict=True):
                     results[i] = res
             except ray.exceptions.RayActorError as e:
                 message = f"rollout engine {engine} died during generate ({len(indices)} requests): {e.__class__.__name__}"
@@ -187,6 +194,8 @@ class EngineGroup:
         """Push from this process (the sender). Returns PushStats. Clears the stale marks: every
         engine, restarted or not, now holds the pushed weights."""
         stats = self.pusher(options).push(named_tensors)
+        self._versions = [stats.weights_version] * len(self.engines)
+        self._required_version = stats.weights_version
         self._stale.clear()
         return stats
 

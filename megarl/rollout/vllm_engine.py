@@ -174,6 +174,10 @@ class VLLMEngine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self._to_results(i, request, out) for i, (request, out) in enumerate(zip(requests, outputs, strict=True))]
 
+    def generate_tagged(self, requests: list[RolloutRequest], sampling: SamplingOptions = SamplingOptions()) -> tuple[int, list[list[SampleResult]]]:
+        """`generate`, plus the weights version that produced the samples (for EngineGroup)."""
+        return self.weights_version, self.generate(requests, sampling)
+
     def _to_results(self, index: int, request: RolloutRequest, out) -> list[SampleResult]:
         results = []
         for j, completion in enumerate(sorted(out.outputs, key=lambda c: c.index)):
@@ -197,17 +201,21 @@ class VLLMEngine:
         return results
 
     # ---------------------------------------------------------------- weights
-    def begin_weight_update(self) -> None:
+    def begin_weight_update(self) -> int:
+        """Start a push; returns the current weights version."""
         self.llm.collective_rpc("megarl_begin_weight_update")
+        return self.weights_version
 
     def load_weight_bucket(self, transport: str, payload: Any) -> dict:
         reports = self.llm.collective_rpc("megarl_load_weight_bucket", args=(transport, payload))
         return reports[0]  # every TP worker loads the same bucket; rank 0's report stands for all
 
-    def finish_weight_update(self) -> dict:
+    def finish_weight_update(self, version: int | None = None) -> dict:
+        """End a push; the engine's weights version becomes `version` (the pusher gives every engine
+        the same number) or, if None, the next one."""
         reports = self.llm.collective_rpc("megarl_finish_weight_update")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        self.weights_version += 1
+        self.weights_version = self.weights_version + 1 if version is None else int(version)
         return {**reports[0], "weights_version": self.weights_version}
 
     def update_weights(self, named_tensors) -> dict:

@@ -94,7 +94,8 @@ class WeightPusher:
         transport = self._sender_transport()
         stats = PushStats()
         start = time.perf_counter()
-        self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
+        versions = self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
+        new_version = max(v or 0 for v in versions) + 1  # the same number on every engine
         try:
             for bucket in iter_buckets(named_tensors, opts.bucket_bytes):
                 want_digest = opts.verify in ("digest", "all")
@@ -117,7 +118,7 @@ class WeightPusher:
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise
-        finished = self._wait([e.finish_weight_update.remote() for e in self.engines], "finish_weight_update")
+        finished = self._wait([e.finish_weight_update.remote(new_version) for e in self.engines], "finish_weight_update")
         stats.seconds = time.perf_counter() - start
         stats.weights_version = max(f["weights_version"] for f in finished)
         if stats.tensors == 0:
