@@ -56,8 +56,8 @@ def _set_attrs(obj, **values) -> Undo:
 # pin_memory, tensor type names). Each patch turns one of its switches on. torch pops a mode while
 # its handler runs, so code inside a `torch.autograd.backward` issued through the mode runs without
 # it; megatron-core 0.16.1 creates tensors there only via `torch.cuda.current_device()`, which the
-# `cuda_device_queries` patch answers with a real CPU device (checked with activation recompute,
-# MoE aux loss, TP2 and PP2 in tests/platform/test_cpu_compat.py).
+# `cuda_device_queries` patch answers with a real CPU device (tests/distributed/
+# test_parallel_equivalence.py trains with activation recompute and megatron's custom_backward).
 # ---------------------------------------------------------------------------------------------
 
 

@@ -13,14 +13,19 @@ import pytest
 
 from megarl.testing.distributed import run_on_ranks
 
+# name -> (ParallelLayout fields, extra TransformerConfig fields)
 LAYOUTS = {
-    "tp2": dict(tp=2),
-    "pp2": dict(pp=2),
-    "pp2_vpp2": dict(pp=2, vpp=2),
-    "ep2": dict(ep=2),
-    "cp2": dict(cp=2),
-    "dp2": dict(),
-    "tp2_ep2_etp1": dict(tp=2, ep=2, etp=1),
+    "tp2": (dict(tp=2), {}),
+    "pp2": (dict(pp=2), {}),
+    "pp2_vpp2": (dict(pp=2, vpp=2), {}),
+    "ep2": (dict(ep=2), {}),
+    "cp2": (dict(cp=2), {}),
+    "dp2": (dict(), {}),
+    "tp2_ep2_etp1": (dict(tp=2, ep=2, etp=1), {}),
+    # code that runs inside autograd backward (recompute forwards; megatron's custom_backward)
+    # runs outside the shim's TorchFunctionMode: it must still work
+    "tp2_recompute": (dict(tp=2), dict(recompute=True)),
+    "pp2_recompute_dealloc": (dict(pp=2), dict(recompute=True, deallocate_pipeline_outputs=True)),
 }
 # Why transformer_config_overrides sets batch_p2p_comm=False, overlap_p2p_comm=True for VPP on gloo:
 # megatron's default batched p2p is silently wrong there.
@@ -29,8 +34,8 @@ PACKED_LAYOUTS = {"cp2": dict(cp=2), "tp2": dict(tp=2)}
 LENGTHS = [5, 9, 6]
 
 
-def _layers(layout_kwargs) -> int:
-    return 4 if layout_kwargs.get("vpp") else 2  # VPP2 x PP2 needs 4 layers
+def _layers(name) -> int:
+    return 4 if LAYOUTS[name][0].get("vpp") else 2  # VPP2 x PP2 needs 4 layers
 
 
 def _world(layouts, packed_layouts, vpp_batched_p2p=False):
@@ -39,10 +44,10 @@ def _world(layouts, packed_layouts, vpp_batched_p2p=False):
     from tests.distributed import tiny_gpt
 
     losses, packed = {}, {}
-    for name, kwargs in layouts.items():
-        layout = ParallelLayout(**kwargs)
+    for name, (layout_kwargs, config_kwargs) in layouts.items():
+        layout = ParallelLayout(**layout_kwargs)
         init_distributed(layout)
-        losses[name] = tiny_gpt.build_and_train(layout, steps=2, num_layers=_layers(kwargs))
+        losses[name] = tiny_gpt.build_and_train(layout, steps=2, num_layers=_layers(name), **config_kwargs)
         reset_model_parallel()
     if vpp_batched_p2p:
         layout = ParallelLayout(pp=2, vpp=2)
@@ -97,7 +102,7 @@ def test_reference_trains(reference):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(reference, world2, name):
-    expected = reference["losses"][_layers(LAYOUTS[name])]
+    expected = reference["losses"][_layers(name)]
     for rank, result in enumerate(world2):
         got = result["losses"][name]
         assert got == pytest.approx(expected, abs=1e-5, rel=0), (name, rank, got, expected)
