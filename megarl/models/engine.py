@@ -20,6 +20,7 @@ the grad finaliser is called without a token count so nothing divides afterwards
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -117,6 +118,14 @@ class MegatronEngine:
                 "average gradients over DP; build with wrap_with_ddp=False and let the engine wrap them"
             )
         self.config.calculate_per_token_loss = True
+        if self.config.moe_router_load_balancing_type not in (None, "none") and self.config.moe_aux_loss_coeff:
+            # With calculate_per_token_loss megatron scales the router's aux-loss gradient by 1 per
+            # micro-batch, so it is summed over micro-batches and DP ranks, not averaged.
+            warnings.warn(
+                f"MoE aux loss ({self.config.moe_router_load_balancing_type}, coeff "
+                f"{self.config.moe_aux_loss_coeff}) is summed over micro-batches and DP ranks by the "
+                "engine's gradient contract; divide the coefficient by their number to get megatron's mean"
+            )
         if not already_wrapped:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,

@@ -88,6 +88,14 @@ def build_optimizer(chunks: list[torch.nn.Module], options: OptimizerOptions):
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    if options.use_precision_aware_optimizer:
+        import megatron.core.optimizer as optimizer_pkg
+
+        if optimizer_pkg.USING_PYTORCH_OPTIMIZER:
+            raise ValueError(
+                "use_precision_aware_optimizer needs TransformerEngine's FusedAdam (it keeps optimizer "
+                "state in reduced precision); TransformerEngine is not importable here, so turn it off"
+            )
     with _host_copy_offload(options.optimizer_cpu_offload):
         optimizer = get_megatron_optimizer(options.megatron_config(), list(chunks))
     decay_steps = options.lr_decay_steps or options.lr_warmup_steps + 1

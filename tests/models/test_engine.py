@@ -45,6 +45,7 @@ LAYOUTS_WORLD4 = [
     ("tp2_pp2", "2l", {"tp": 2, "pp": 2}, False, {}),
     ("pp2_ep2", "2l", {"pp": 2, "ep": 2}, True, {}),
     ("tp2_ep2_offload", "2l", {"tp": 2, "ep": 2}, True, OFFLOAD_ALL_OVERLAP),
+    ("tp2_cp2", "2l", {"tp": 2, "cp": 2}, True, {}),  # sequences padded to 2*CP*TP under SP
 ]
 # an offloaded optimizer step must equal the plain one
 SAME_AS = {"tp1_dp2_offload": "tp1_dp2", "ep2_distopt": "ep2", "tp2_ep2_offload": "tp2_ep2"}
@@ -233,6 +234,7 @@ def check_layouts(per_rank: list[dict], refs: dict, layouts: list) -> None:
         assert got["step"].metrics["loss_tokens"] == ref["metrics"]["loss_tokens"]
         assert abs(got["step"].metrics["seq_loss"] - ref["metrics"]["seq_loss"]) <= 1e-6
         assert got["step"].lr == LR and got["step"].update_successful
+        assert got["step"].num_micro_batches >= 2  # gradient accumulation is exercised
 
 
 def test_reference_step_moves_weights(hf_reference):
