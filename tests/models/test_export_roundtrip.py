@@ -158,7 +158,7 @@ def _assert_all_exact(per_rank: list[list[dict]]) -> None:
 @pytest.fixture(scope="module")
 def model_dirs(tiny_models, tmp_path_factory):
     """The tiny models plus a 4-layer Qwen3-MoE (for PP2 x VPP2), a Qwen2 with 2 KV heads (the tiny one
-    has 1, which TP2 cannot split) and a tied-embedding Qwen3."""
+    has 1, which TP2 cannot split), a tied-embedding Qwen3 and a Qwen3-MoE with norm_topk_prob=false."""
     from megarl.utils.tiny_models import TinyModelSpec, write_tiny_model
     from safetensors.torch import load_file, save_file
 
@@ -177,6 +177,14 @@ def model_dirs(tiny_models, tmp_path_factory):
     del tensors["lm_head.weight"]  # a tied HF checkpoint stores only the embedding
     save_file(tensors, os.path.join(tied, "model.safetensors"), metadata={"format": "pt"})
     dirs["qwen3_tied"] = tied
+    unnormalised = str(root / "qwen3_moe_no_topk_norm")
+    shutil.copytree(tiny_models["qwen3_moe"], unnormalised)
+    with open(os.path.join(unnormalised, "config.json")) as f:
+        config = json.load(f)
+    config["norm_topk_prob"] = False  # top-k probabilities straight from the full softmax
+    with open(os.path.join(unnormalised, "config.json"), "w") as f:
+        json.dump(config, f)
+    dirs["qwen3_moe_no_topk_norm"] = unnormalised
     return dirs
 
 
@@ -187,6 +195,7 @@ WORLD2_CASES = [
     ("qwen3_moe", {"pp": 2}, {}),
     ("qwen3_moe", {"ep": 2}, {"wrap_with_ddp": True}),
     ("qwen3_moe", {"cp": 2}, {}),
+    ("qwen3_moe_no_topk_norm", {"ep": 2}, {}),
     ("qwen3_moe_4layers", {"pp": 2, "vpp": 2}, {}),
     ("qwen3", {}, {"trainable": False}),
     ("qwen3", {}, {"load_weights": False}),
