@@ -18,6 +18,8 @@ class RewardTermConfig:
     batched: a custom function takes lists (``data_sources, solution_strs, ground_truths,
       extra_infos``) and returns a list; registered rewards declare this themselves.
     label: the metric name of this term (default: the registered name, or the custom function's name).
+    timeout_s: this term's per-call timeout (a batch reward is one call for the whole batch);
+      None uses RewardConfig.timeout_s.
     """
 
     name: str = "default"
@@ -25,6 +27,7 @@ class RewardTermConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     batched: bool = False
     label: str | None = None
+    timeout_s: float | None = None
 
     def metric_label(self) -> str:
         if self.label:
@@ -63,6 +66,8 @@ class RewardConfig:
         for term in self.terms:
             if not math.isfinite(term.weight):
                 raise ValueError(f"reward term {term.name!r}: weight must be finite, got {term.weight}")
+            if term.timeout_s is not None and not term.timeout_s > 0:
+                raise ValueError(f"reward term {term.name!r}: timeout_s must be > 0, got {term.timeout_s}")
             if not isinstance(term.kwargs, dict):
                 raise ValueError(f"reward term {term.name!r}: kwargs must be a mapping, got {type(term.kwargs).__name__}")
         duplicates = sorted({label for label in labels if labels.count(label) > 1})

@@ -108,6 +108,17 @@ class RewardManager:
         module = None if is_custom_spec(spec) else entry.fn.__module__
         return _Term(config=term, entry=entry, ref=RewardRef(spec=spec, module=module))
 
+    def check_data_sources(self, data_sources) -> None:
+        """Fail now, not in every reward call, if a "default" term has no reward for a dataset's data_source.
+
+        Call it once at start-up with the training (and validation) datasets' data_source values.
+        """
+        from megarl.rewards.default import reward_name_for
+
+        if any(term.config.name == "default" for term in self._terms):
+            for data_source in sorted(set(data_sources)):
+                reward_name_for(data_source)
+
     # ------------------------------------------------------------------ scoring
 
     def score(self, requests: Sequence[RewardRequest]) -> RewardOutput:
@@ -233,11 +244,12 @@ def _call_extra_info(request: RewardRequest) -> dict:
 
 def _calls_for(term: _Term, requests, extra_infos) -> list[RewardCall]:
     kwargs = term.config.kwargs
+    timeout = term.config.timeout_s
     if term.entry.batched:
         batch = dict(data_sources=[r.data_source for r in requests], solution_strs=[r.response for r in requests],
                      ground_truths=[r.ground_truth for r in requests], extra_infos=list(extra_infos))
-        return [RewardCall(term.ref, (), {**batch, **kwargs})] if requests else []
-    return [RewardCall(term.ref, (r.data_source, r.response, r.ground_truth, info), dict(kwargs))
+        return [RewardCall(term.ref, (), {**batch, **kwargs}, timeout)] if requests else []
+    return [RewardCall(term.ref, (r.data_source, r.response, r.ground_truth, info), dict(kwargs), timeout)
             for r, info in zip(requests, extra_infos)]
 
 

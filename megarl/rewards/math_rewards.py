@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 import threading
 
+# Imported here, not in the call: loading sympy takes about a second, which belongs to worker start-up
+# (excluded from the per-call timeout), not to the first reward call.
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
 from megarl.rewards.registry import register_reward
 
 # verl's GSM8K scorer also looks only at the tail of long responses: the final answer is at the end,
@@ -32,8 +36,6 @@ def math_equivalent(prediction_text: str, ground_truth: str) -> bool:
     (math-verify's extraction). The ground truth is a bare answer ("12", "\\frac{1}{2}") or may
     already contain \\boxed{}.
     """
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
     timeout = _math_verify_timeout()
     gold_text = ground_truth if "\\boxed" in ground_truth else "\\boxed{" + ground_truth + "}"
     gold = parse(gold_text, extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)

@@ -8,6 +8,10 @@ the timeout for any call, and never sees a reward's exception.
 
 Workers start from a "forkserver" by default: forking the trainer itself (which holds threads from
 torch, Ray, vLLM) can deadlock the child.
+
+The timeout measures the reward call only. The first call of a function in a fresh worker also pays
+for the worker's start and the import of the function's module; that phase has its own, generous
+limit (``resolve_timeout_s``), and the worker acknowledges its end so the call's clock starts then.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from typing import Any
 from megarl.rewards.registry import get_reward, is_custom_spec, load_function
 
 
+_RESOLVED = "resolved"
+
+
 @dataclass(frozen=True)
 class RewardRef:
     """How a worker process finds a reward function: a registered name (plus the module that
@@ -40,6 +47,7 @@ class RewardCall:
     ref: RewardRef
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    timeout_s: float | None = None  # None: the pool's default
 
 
 @dataclass
@@ -72,6 +80,7 @@ def _worker_main(conn) -> None:
         try:
             if ref not in functions:
                 functions[ref] = resolve_ref(ref)
+                conn.send((call_id, _RESOLVED, None, None))  # the call's own timeout starts now
             reply = (call_id, "ok", functions[ref](*args, **kwargs), None)
         except BaseException as exc:  # noqa: BLE001 - a reward's SystemExit must not stop the worker either
             reply = (call_id, "error", None, _describe(exc))
@@ -92,6 +101,7 @@ class _Worker:
         self.process = ctx.Process(target=_worker_main, args=(child_conn,), name="megarl-reward-worker")
         self.process.start()
         child_conn.close()
+        self.resolved: set[RewardRef] = set()  # functions this worker has loaded (mirrors its cache)
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -100,15 +110,26 @@ class _Worker:
         self.conn.close()
 
 
+@dataclass
+class _InFlight:
+    worker: _Worker
+    index: int  # position of the call in run()'s list
+    call_id: int
+    deadline: float  # time.monotonic() seconds
+    resolving: bool  # the worker is still loading the function (start-up limit, not the call's)
+
+
 class RewardWorkerPool:
     """``num_workers`` processes; ``run(calls)`` returns one CallOutcome per call, in order."""
 
-    def __init__(self, num_workers: int, timeout_s: float, start_method: str = "forkserver"):
+    def __init__(self, num_workers: int, timeout_s: float, start_method: str = "forkserver",
+                 resolve_timeout_s: float = 120.0):
         if num_workers < 1:
             raise ValueError(f"num_workers must be ≥ 1, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
+        self.resolve_timeout_s = resolve_timeout_s
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # Workers forked from the server start with the reward code already imported.
@@ -121,14 +142,14 @@ class RewardWorkerPool:
         outcomes: list[CallOutcome | None] = [None] * len(calls)
         pending = deque(range(len(calls)))
         idle = list(self._workers)
-        busy: dict[int, tuple[_Worker, int, int, float]] = {}  # worker id → (worker, call index, call id, deadline)
+        busy: dict[int, _InFlight] = {}  # id(worker) → its call
         while pending or busy:
             while pending and idle:
                 worker = idle.pop()
                 index = pending.popleft()
+                call = calls[index]
                 call_id = self._next_call_id
                 self._next_call_id += 1
-                call = calls[index]
                 try:
                     worker.conn.send((call_id, call.ref, call.args, call.kwargs))
                 except Exception as exc:  # noqa: BLE001 - a dead idle worker, or unpicklable arguments
@@ -139,33 +160,48 @@ class RewardWorkerPool:
                         pending.appendleft(index)
                         idle.append(self._replace(worker))
                     continue
-                busy[id(worker)] = (worker, index, call_id, time.monotonic() + self.timeout_s)
+                resolving = call.ref not in worker.resolved
+                limit = self.resolve_timeout_s if resolving else self._timeout(call)
+                busy[id(worker)] = _InFlight(worker, index, call_id, time.monotonic() + limit, resolving)
             if not busy:
                 continue
-            earliest = min(deadline for _, _, _, deadline in busy.values())
-            ready = multiprocessing.connection.wait(
-                [w.conn for w, _, _, _ in busy.values()], timeout=max(0.0, earliest - time.monotonic())
-            )
+            earliest = min(flight.deadline for flight in busy.values())
+            ready = multiprocessing.connection.wait([f.worker.conn for f in busy.values()],
+                                                    timeout=max(0.0, earliest - time.monotonic()))
             for conn in ready:
-                worker, index, call_id, _ = next(v for v in busy.values() if v[0].conn is conn)
-                del busy[id(worker)]
+                flight = next(f for f in busy.values() if f.worker.conn is conn)
                 try:
                     reply_id, status, value, error = conn.recv()
                 except (EOFError, OSError) as exc:
-                    outcomes[index] = CallOutcome("error", error=f"reward worker died: {exc!r}")
-                    idle.append(self._replace(worker))
+                    del busy[id(flight.worker)]
+                    outcomes[flight.index] = CallOutcome("error", error=f"reward worker died: {exc!r}")
+                    idle.append(self._replace(flight.worker))
                     continue
-                if reply_id != call_id:  # cannot happen with one call in flight per worker
-                    raise RuntimeError(f"reward worker answered call {reply_id}, expected {call_id}")
-                outcomes[index] = CallOutcome(status, value, error)
-                idle.append(worker)
+                if reply_id != flight.call_id:  # cannot happen with one call in flight per worker
+                    raise RuntimeError(f"reward worker answered call {reply_id}, expected {flight.call_id}")
+                if status == _RESOLVED:  # function loaded: the call's own clock starts now
+                    flight.worker.resolved.add(calls[flight.index].ref)
+                    flight.resolving = False
+                    flight.deadline = time.monotonic() + self._timeout(calls[flight.index])
+                    continue
+                del busy[id(flight.worker)]
+                outcomes[flight.index] = CallOutcome(status, value, error)
+                idle.append(flight.worker)
             now = time.monotonic()
-            for key, (worker, index, _, deadline) in list(busy.items()):
-                if now >= deadline:
+            for key, flight in list(busy.items()):
+                if now >= flight.deadline:
                     del busy[key]
-                    outcomes[index] = CallOutcome("timeout", error=f"reward call exceeded {self.timeout_s} s")
-                    idle.append(self._replace(worker))
+                    if flight.resolving:
+                        outcomes[flight.index] = CallOutcome(
+                            "error", error=f"loading the reward function took over {self.resolve_timeout_s} s")
+                    else:
+                        outcomes[flight.index] = CallOutcome(
+                            "timeout", error=f"reward call exceeded {self._timeout(calls[flight.index])} s")
+                    idle.append(self._replace(flight.worker))
         return outcomes  # type: ignore[return-value]
+
+    def _timeout(self, call: RewardCall) -> float:
+        return call.timeout_s or self.timeout_s
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()

@@ -16,6 +16,7 @@ A reward is named in configs either by its registered name ("math", "gsm8k", ...
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -103,8 +104,8 @@ def _load_file_module(path: str):
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         raise ValueError(f"custom reward file {path!r} does not exist")
-    # One module per file path, so worker processes and the trainer agree on the module identity.
-    module_name = "megarl_custom_reward_" + str(abs(hash(path)))
+    # One module name per file path (stable across processes, unlike hash()), loaded once per process.
+    module_name = "megarl_custom_reward_" + hashlib.sha1(path.encode()).hexdigest()[:12]
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -18,7 +18,7 @@ def req(response, truth="ok", data_source="test", length=0, extra_info=None, mes
 @pytest.fixture(scope="module")
 def misbehaving_manager():
     config = RewardConfig(terms=[RewardTermConfig(f"{FIXTURES}:misbehaving_reward")], num_workers=2,
-                          timeout_s=1.0, fallback_score=-1.0)
+                          timeout_s=2.0, fallback_score=-1.0)
     with RewardManager(config) as manager:
         yield manager
 
@@ -58,7 +58,7 @@ def test_sleeping_and_raising_rewards_fall_back_and_the_rest_is_scored(misbehavi
     assert out.scores == [1.0, -1.0, -1.0, 0.0, 1.0, -1.0, -1.0]
     assert out.metrics["reward/timeouts"] == 1.0
     assert out.metrics["reward/errors"] == 3.0           # raise, nan, dict without score
-    assert elapsed < 5.0                                  # the 60 s sleep was cut at the 1 s timeout
+    assert elapsed < 10.0                                 # the 60 s sleep was cut at the 2 s timeout
     # The killed worker was replaced: the next batch is scored normally, and totals accumulate.
     out = misbehaving_manager.score([req("ok"), req("sleep"), req("ok")])
     assert out.scores == [1.0, -1.0, 1.0]
@@ -137,3 +137,30 @@ def test_bad_config_values():
         RewardManager(RewardConfig(timeout_s=0))
     with pytest.raises(ValueError, match="label"):
         RewardManager(RewardConfig(terms=[RewardTermConfig("math"), RewardTermConfig("math")], num_workers=0))
+
+
+def test_per_term_timeout_overrides_the_default():
+    config = RewardConfig(terms=[RewardTermConfig(f"{FIXTURES}:misbehaving_reward", timeout_s=0.5)], num_workers=1,
+                          timeout_s=30.0)
+    with RewardManager(config) as manager:
+        start = time.monotonic()
+        out = manager.score([req("sleep"), req("ok")])
+    assert time.monotonic() - start < 4.0
+    assert out.scores == [0.0, 1.0] and out.metrics["reward/timeouts"] == 1.0
+
+
+def test_check_data_sources_fails_early_for_unknown_sources():
+    with RewardManager(RewardConfig(num_workers=0)) as manager:
+        manager.check_data_sources(["openai/gsm8k", "synthetic/arith", "aime24"])
+        with pytest.raises(ValueError, match="does not know data_source 'my/qa'"):
+            manager.check_data_sources(["openai/gsm8k", "my/qa"])
+
+
+def test_loading_a_slow_module_does_not_count_against_the_call_timeout(tmp_path):
+    path = tmp_path / "slow_import.py"
+    path.write_text("import time\ntime.sleep(2.0)\n\ndef compute_score(data_source, solution_str, ground_truth, "
+                    "extra_info=None):\n    return 1.0\n")
+    config = RewardConfig(terms=[RewardTermConfig(f"{path}:compute_score")], num_workers=1, timeout_s=1.0)
+    with RewardManager(config) as manager:
+        out = manager.score([req("a"), req("b")])
+    assert out.scores == [1.0, 1.0] and out.metrics["reward/timeouts"] == 0.0
