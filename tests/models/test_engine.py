@@ -138,10 +138,11 @@ def hf_reference_for(tiny_moe_dir, tmp_path_factory):
 # Ranks: every layout of one world size in one launch.
 
 
-def run_layouts(model_dirs: dict, layouts: list, schedule_check: bool = False) -> bytes:
+def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> bytes:
     """Per-layout results, torch.save'd: tensors sent through the rank queue as they are would be
-    shared-memory handles that die with the rank process. `schedule_check` adds the learning
-    rates of 5 steps with warmup + cosine decay under "_schedule"."""
+    shared-memory handles that die with the rank process. `extra_checks` adds, at TP1/DP2: the
+    learning rates of 5 steps with warmup + cosine decay ("_schedule"), and two bf16 steps with the
+    distributed optimizer, without and with half the optimizer offloaded ("_bf16_offload")."""
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from megarl.models.builder import build_megatron_model
@@ -176,7 +177,7 @@ def run_layouts(model_dirs: dict, layouts: list, schedule_check: bool = False) -
         del engine
         gc.collect()
         reset_model_parallel()
-    if schedule_check:
+    if extra_checks:
         layout = ParallelLayout()
         init_distributed(layout)
         schedule = OptimizerOptions(lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=4, lr_decay_style="cosine")
@@ -184,6 +185,18 @@ def run_layouts(model_dirs: dict, layouts: list, schedule_check: bool = False) -
         small = batch.select([0, 1])
         results["_schedule"] = [engine.train_step(small, make_loss_fn(small), with_entropy=True).lr for _ in range(5)]
         del engine
+        results["_bf16_offload"] = {}
+        for offload in (False, True):
+            options = OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, bf16=True, use_distributed_optimizer=True,
+                                       optimizer_cpu_offload=offload, optimizer_offload_fraction=0.5)
+            handle = build_megatron_model(model_dirs["2l"], layout, dtype=torch.bfloat16)
+            engine = MegatronEngine(handle, EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=32), optimizer=options))
+            losses = [engine.train_step(batch, make_loss_fn(batch), with_entropy=True).loss for _ in range(2)]
+            results["_bf16_offload"][offload] = {
+                "losses": losses, "offloaded": offloaded_fraction(engine.optimizer),
+                "weights": {k: v.float().clone() for k, v in engine.export_hf_weights()},
+            }
+            del engine, handle
         reset_model_parallel()
     buffer = io.BytesIO()
     torch.save(results, buffer)
@@ -252,6 +265,13 @@ def test_layouts_world2_match_hf(model_dirs, hf_reference):
     check_layouts(per_rank, hf_reference, LAYOUTS_WORLD2)
     # megatron's OptimizerParamScheduler: linear warmup from 0 over 2 steps, cosine to min_lr at step 4
     assert per_rank[0]["_schedule"] == pytest.approx([0.0, 5e-4, 1e-3, 5.5e-4, 1e-4], abs=1e-12)
+    # bf16 + distributed optimizer (the usual GPU setting): offloading half the update to host
+    # memory gives the same steps
+    plain, offloaded = per_rank[0]["_bf16_offload"][False], per_rank[0]["_bf16_offload"][True]
+    diff = max((plain["weights"][k] - offloaded["weights"][k]).abs().max().item() for k in plain["weights"])
+    print(f"bf16 distopt offload vs plain: weights {diff:.2e} losses {plain['losses']} {offloaded['losses']}")
+    assert plain["offloaded"] == 0.0 and 0.5 <= offloaded["offloaded"] < 0.85
+    assert diff <= 1e-6 and offloaded["losses"] == pytest.approx(plain["losses"], abs=1e-6)
 
 
 @pytest.mark.slow
