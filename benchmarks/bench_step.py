@@ -72,8 +72,8 @@ def bench(hf_dir: str, layout_kwargs: dict, steps: int, num_seqs: int, max_len: 
         mask = mb.fields["loss_mask"]
         return -(mask * logprobs).sum() / num_loss_tokens, {}
 
-    pos = engine._position()
-    micro_batches = engine._micro_batches(batch, pos, None)
+    pos = engine.rank_position()
+    micro_batches = engine.local_micro_batches(batch)
     times = {"megarl": [], "bare": []}
     for step in range(steps + 1):  # the first of each is warm-up
         for name in ("bare", "megarl"):

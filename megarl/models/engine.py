@@ -150,8 +150,10 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ planning
 
-    def _micro_batches(self, batch: SequenceBatch, pos: RankPosition, opts: MicroBatchOptions | None) -> list[MicroBatch]:
-        opts = opts or self.options.micro_batches
+    def local_micro_batches(self, batch: SequenceBatch, micro_batches: MicroBatchOptions | None = None) -> list[MicroBatch]:
+        """This DP rank's micro-batches of the global `batch` (same count on every DP rank)."""
+        pos = self.rank_position()
+        opts = micro_batches or self.options.micro_batches
         align = sequence_alignment(pos.cp_size, pos.tp_size, pos.sequence_parallel)
         max_tokens = None if opts.max_tokens_per_gpu is None else opts.max_tokens_per_gpu * pos.cp_size
         plan = plan_micro_batches(
@@ -160,7 +162,7 @@ class MegatronEngine:
         )
         return [MicroBatch.build(batch, idx, packed=opts.packed, align=align) for idx in plan.for_rank(pos.dp_rank)]
 
-    def _position(self) -> RankPosition:
+    def rank_position(self) -> RankPosition:
         return RankPosition.current(self.config)
 
     # ------------------------------------------------------------------ inference
@@ -179,9 +181,8 @@ class MegatronEngine:
         `micro_batches` overrides the engine's micro-batching for this call."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        pos = self._position()
-        plan_options = micro_batches
-        micro_batches = self._micro_batches(batch, pos, plan_options)
+        pos = self.rank_position()
+        micro_batches = self.local_micro_batches(batch, micro_batches)
 
         def forward_step(model, mb, inputs):
             output = model_forward(model, inputs)
@@ -233,9 +234,8 @@ class MegatronEngine:
         """
         if not self.trainable:
             raise RuntimeError("this engine has no optimizer (built with trainable=False or optimizer=None)")
-        pos = self._position()
-        plan_options = micro_batches
-        micro_batches = self._micro_batches(batch, pos, plan_options)
+        pos = self.rank_position()
+        micro_batches = self.local_micro_batches(batch, micro_batches)
         for chunk in self.handle.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
