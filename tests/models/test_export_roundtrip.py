@@ -98,6 +98,7 @@ def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]
             any_requires_grad=any(p.requires_grad for c in handle.chunks for p in c.parameters()),
             trainable=handle.trainable,
             loaded=build_kwargs.get("load_weights", True),
+            layers_per_chunk=[len(chunk.decoder.layers) for chunk in handle.unwrapped_chunks()],
         ))
         if save_dir is not None and layout.tp > 1:
             save_hf_checkpoint(handle, save_dir, max_shard_bytes=64 * 1024)
@@ -197,6 +198,7 @@ WORLD2_CASES = [
     ("qwen3_moe", {"cp": 2}, {}),
     ("qwen3_moe_no_topk_norm", {"ep": 2}, {}),
     ("qwen3_moe_4layers", {"pp": 2, "vpp": 2}, {}),
+    ("qwen3_moe_4layers", {"pp": 2, "num_layers_in_last_pipeline_stage": 1}, {}),  # 3 + 1 layers
     ("qwen3", {}, {"trainable": False}),
     ("qwen3", {}, {"load_weights": False}),
     ("qwen3", {"tp": 2}, {}),
@@ -217,7 +219,12 @@ WORLD4_CASES = [
 
 def test_roundtrip_and_forward_world2(model_dirs, tmp_path):
     saved = str(tmp_path / "saved")
-    _assert_all_exact(run_on_ranks(check_layouts, 2, args=(model_dirs, WORLD2_CASES, saved), timeout=300))
+    per_rank = run_on_ranks(check_layouts, 2, args=(model_dirs, WORLD2_CASES, saved), timeout=300)
+    _assert_all_exact(per_rank)
+    uneven = WORLD2_CASES.index(("qwen3_moe_4layers", {"pp": 2, "num_layers_in_last_pipeline_stage": 1}, {}))
+    vpp = WORLD2_CASES.index(("qwen3_moe_4layers", {"pp": 2, "vpp": 2}, {}))
+    assert [r[uneven]["layers_per_chunk"] for r in per_rank] == [[3], [1]]
+    assert [r[vpp]["layers_per_chunk"] for r in per_rank] == [[1, 1], [1, 1]]
 
     # The TP2 Qwen3-MoE saved in 64 KiB shards: same tensors as the source, loadable by transformers.
     with open(os.path.join(saved, "model.safetensors.index.json")) as f:
