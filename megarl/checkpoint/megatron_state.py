@@ -2,7 +2,7 @@
 
 The format is megatron's own (`torch_dist`), so a checkpoint written at one parallel layout loads at
 another (TP/PP/DP resharding), and megatron's tools read it. Two settings matter:
-- `fully_reshardable` distributed-optimizer sharding: the default format cannot be loaded with
+- `fully_reshardable` distributed-optimizer sharding without sub-optimizer prefixes: the default cannot be loaded with
   torch's Adam (no apex/TE) and does not reshard across DP;
 - `sharded_strategy=("torch_dist", 1)`: megatron asserts on a bare strategy string.
 RNG states are per rank (`rng/rank_XXXXX.pt`), restored so a resumed run continues exactly.
@@ -18,6 +18,9 @@ import torch
 
 OPTIMIZER_SHARDING = "fully_reshardable"
 SAVE_STRATEGY = ("torch_dist", 1)
+# No per-sub-optimizer key prefix: the dense and expert optimizers are chained only when EP > 1, so
+# prefixed keys would tie the optimizer state to the EP size.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING, "chained_optim_avoid_prefix": True}
 
 
 def _model_sharded_state(handle) -> dict:
@@ -47,7 +50,7 @@ def _full_sharded_state(engine, is_loading: bool) -> dict:
     if engine.optimizer is not None:
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             _merged_model_state(state), is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING},
+            metadata=OPTIMIZER_METADATA,
         )
         state["lr_scheduler"] = engine.scheduler.state_dict()
     return state

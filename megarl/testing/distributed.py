@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -36,7 +37,9 @@ def _rank_main(fn, args, kwargs, rank, world_size, port, env, results):
 
         # Ranks share the machine's cores; oversubscribing them slows every rank down several-fold.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        results.put((rank, True, fn(*args, **kwargs)))
+        # Plain pickle bytes: the queue's own pickler would share tensors through file descriptors
+        # that vanish when this process exits before the parent reads them.
+        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:  # report everything, including SystemExit from argparse
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -93,7 +96,7 @@ def run_on_ranks(
                 continue
             if not ok:
                 raise RankFailure(f"rank {rank} failed:\n{value}")
-            gathered[rank] = value
+            gathered[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=5 if len(gathered) == world_size else 0.1)
