@@ -4,8 +4,8 @@
     out = manager.score([RewardRequest(...), ...])     # → RewardOutput(scores, metrics, details)
     manager.close()
 
-Every call of a reward function gets verl's arguments ``(data_source, solution_str, ground_truth,
-extra_info)``; ``extra_info`` is a copy of the sample's extra_info with two keys added:
+Every call of a reward function gets verl's keyword arguments ``data_source, solution_str,
+ground_truth, extra_info`` (plus the term's kwargs); ``extra_info`` is a copy of the sample's extra_info with two keys added:
 ``response_length`` (response tokens) and, when the request carries a conversation, ``messages``
 (the multi-turn trajectory, response included). A call that raises, times out, or returns a
 non-finite score gives that term ``fallback_score`` and is counted in ``reward/errors`` or
@@ -249,7 +249,9 @@ def _calls_for(term: _Term, requests, extra_infos) -> list[RewardCall]:
         batch = dict(data_sources=[r.data_source for r in requests], solution_strs=[r.response for r in requests],
                      ground_truths=[r.ground_truth for r in requests], extra_infos=list(extra_infos))
         return [RewardCall(term.ref, (), {**batch, **kwargs}, timeout)] if requests else []
-    return [RewardCall(term.ref, (r.data_source, r.response, r.ground_truth, info), dict(kwargs), timeout)
+    # By keyword, as verl calls custom reward functions: their parameter order is free.
+    return [RewardCall(term.ref, (), dict(data_source=r.data_source, solution_str=r.response,
+                                          ground_truth=r.ground_truth, extra_info=info, **kwargs), timeout)
             for r, info in zip(requests, extra_infos)]
 
 
@@ -281,7 +283,7 @@ def _check_signature(term: RewardTermConfig, entry: RewardEntry) -> None:
         if entry.batched:
             signature.bind(data_sources=[], solution_strs=[], ground_truths=[], extra_infos=[], **term.kwargs)
         else:
-            signature.bind("", "", "", {}, **term.kwargs)
+            signature.bind(data_source="", solution_str="", ground_truth="", extra_info={}, **term.kwargs)
     except TypeError as exc:
         kind = "data_sources, solution_strs, ground_truths, extra_infos" if entry.batched else \
             "data_source, solution_str, ground_truth, extra_info"

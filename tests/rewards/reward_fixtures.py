@@ -29,3 +29,8 @@ def response_char_counts(data_sources, solution_strs, ground_truths, extra_infos
 @register_reward("test_fixture_length")
 def length_reward(data_source, solution_str, ground_truth, extra_info=None):
     return {"score": float(extra_info["response_length"]), "pid_is_worker": float(os.getpid() != int(ground_truth))}
+
+
+def keyword_order_reward(solution_str, ground_truth, data_source=None, extra_info=None, bonus=0.0):
+    """verl calls custom rewards by keyword, so a different parameter order must work."""
+    return (1.0 if solution_str == ground_truth else 0.0) + bonus

@@ -164,3 +164,10 @@ def test_loading_a_slow_module_does_not_count_against_the_call_timeout(tmp_path)
     with RewardManager(config) as manager:
         out = manager.score([req("a"), req("b")])
     assert out.scores == [1.0, 1.0] and out.metrics["reward/timeouts"] == 0.0
+
+
+def test_rewards_are_called_by_keyword_like_verl():
+    config = RewardConfig(terms=[RewardTermConfig(f"{FIXTURES}:keyword_order_reward", kwargs={"bonus": 0.25})],
+                          num_workers=1)
+    with RewardManager(config) as manager:
+        assert manager.score([req("ok"), req("no")]).scores == [1.25, 0.25]
