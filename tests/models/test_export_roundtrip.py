@@ -57,7 +57,7 @@ def _megatron_logits(handle) -> torch.Tensor:
         parts = [torch.empty_like(logits) for _ in range(tp)]
         torch.distributed.all_gather(parts, logits.contiguous(), group=mpu.get_tensor_model_parallel_group())
         logits = torch.cat(parts, dim=-1)
-    return logits
+    return logits[..., : handle.hf_config.vocab_size]  # drop rows added by make_vocab_size_divisible_by
 
 
 def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]], save_dir: str | None = None) -> list[dict]:
@@ -99,6 +99,8 @@ def check_layouts(model_dirs: dict[str, str], cases: list[tuple[str, dict, dict]
             trainable=handle.trainable,
             loaded=build_kwargs.get("load_weights", True),
             layers_per_chunk=[len(chunk.decoder.layers) for chunk in handle.unwrapped_chunks()],
+            embedding_rows=[tuple(chunk.embedding.word_embeddings.weight.shape) for chunk in handle.unwrapped_chunks()
+                            if hasattr(chunk, "embedding")],
         ))
         if save_dir is not None and layout.tp > 1:
             save_hf_checkpoint(handle, save_dir, max_shard_bytes=64 * 1024)
@@ -202,6 +204,7 @@ WORLD2_CASES = [
     ("qwen3", {}, {"trainable": False}),
     ("qwen3", {}, {"load_weights": False}),
     ("qwen3", {"tp": 2}, {}),
+    ("qwen3", {"tp": 2}, {"make_vocab_size_divisible_by": 384}),  # vocab 512 padded to 768
     ("qwen2", {}, {}),
     ("qwen2_2kv", {"tp": 2}, {}),
     ("qwen3_tied", {}, {}),
@@ -225,6 +228,8 @@ def test_roundtrip_and_forward_world2(model_dirs, tmp_path):
     vpp = WORLD2_CASES.index(("qwen3_moe_4layers", {"pp": 2, "vpp": 2}, {}))
     assert [r[uneven]["layers_per_chunk"] for r in per_rank] == [[3], [1]]
     assert [r[vpp]["layers_per_chunk"] for r in per_rank] == [[1, 1], [1, 1]]
+    padded = WORLD2_CASES.index(("qwen3", {"tp": 2}, {"make_vocab_size_divisible_by": 384}))
+    assert [r[padded]["embedding_rows"] for r in per_rank] == [[(384, 64)], [(384, 64)]]
 
     # The TP2 Qwen3-MoE saved in 64 KiB shards: same tensors as the source, loadable by transformers.
     with open(os.path.join(saved, "model.safetensors.index.json")) as f:
