@@ -135,6 +135,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.weights_version = 0
         self.sleeping = False
+        self.updating = False
 
     # ---------------------------------------------------------------- generation
     def prompt_token_ids(self, request: RolloutRequest) -> list[int]:
@@ -151,6 +152,10 @@ class VLLMEngine:
         `results[i][j]` = sample j of request i, in request order."""
         if self.sleeping:
             raise RuntimeError(f"engine {self.engine_index} is asleep; call wake_up() before generate()")
+        if self.updating:
+            # Between begin and finish the model's layers are being swapped (some sit on the meta
+            # device): generating now would crash or mix weights of two versions.
+            raise RuntimeError(f"engine {self.engine_index} is in the middle of a weight push; generate after it finished")
         from vllm import SamplingParams
 
         prompts, params = [], []
@@ -204,6 +209,7 @@ class VLLMEngine:
     def begin_weight_update(self) -> int:
         """Start a push; returns the current weights version."""
         self.llm.collective_rpc("megarl_begin_weight_update")
+        self.updating = True
         return self.weights_version
 
     def load_weight_bucket(self, transport: str, payload: Any) -> dict:
@@ -214,6 +220,7 @@ class VLLMEngine:
         """End a push; the engine's weights version becomes `version` (the pusher gives every engine
         the same number) or, if None, the next one."""
         reports = self.llm.collective_rpc("megarl_finish_weight_update")
+        self.updating = False
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.weights_version = self.weights_version + 1 if version is None else int(version)
         return {**reports[0], "weights_version": self.weights_version}
