@@ -56,9 +56,16 @@ def main(argv: list[str] | None = None) -> int:
                   + "\n".join(f"  - {e}" for e in plan.errors), file=sys.stderr)
             return 2
 
+    from megarl.checkpoint.store import CheckpointError
+    from megarl.data import DataFormatError
     from megarl.trainer import run  # imported only now: the trainer pulls in megatron, vLLM and Ray
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (DataFormatError, CheckpointError) as exc:
+        # datasets and the resume checkpoint are checked before any process group or actor starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,57 @@
+"""Bad input stops launch/train.py with a message naming the problem, before Ray or a process group."""
+
+import os
+
+import pytest
+
+
+def _write_dataset(path, drop_field=None):
+    from megarl.data.records import write_records
+    from megarl.data.synthetic import arith_records
+
+    rows = arith_records(8, seed=0)
+    if drop_field:
+        for row in rows:
+            row.pop(drop_field)
+    write_records(rows, path)
+    return path
+
+
+def _run(tiny_moe_dir, tmp_path, *extra):
+    from launch.train import main
+
+    return main(["--config", "configs/tiny_moe_grpo_cpu.yaml", f"--model.path={tiny_moe_dir}",
+                 f"--trainer.output_dir={tmp_path / 'run'}", "--data.val_files=[]", "--trainer.test_freq=-1", *extra])
+
+
+def test_a_dataset_missing_a_field_fails_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
+    import ray
+    import torch.distributed as dist
+
+    bad = _write_dataset(str(tmp_path / "bad.parquet"), drop_field="reward_model")
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{bad}]") == 2
+    err = capsys.readouterr().err
+    assert "reward_model" in err and "bad.parquet" in err
+    assert not ray.is_initialized() and not dist.is_initialized()
+
+
+def test_a_resume_path_that_is_not_a_checkpoint_fails_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
+    import ray
+
+    good = _write_dataset(str(tmp_path / "good.parquet"))
+    os.makedirs(tmp_path / "half_written")
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", f"--trainer.resume={tmp_path / 'half_written'}") == 2
+    assert "incomplete" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--trainer.totl_steps=3", "trainer.totl_steps"),
+    ("--rollout.n=four", "rollout.n"),
+    ("--model.path=", "model.path"),
+    ("--algorithm.adv_estimator=grpoo", "algorithm.adv_estimator"),
+])
+def test_bad_config_values_name_the_field(tiny_moe_dir, tmp_path, capsys, override, field):
+    good = _write_dataset(str(tmp_path / "good.parquet"))
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", override) == 2
+    assert field in capsys.readouterr().err
