@@ -25,13 +25,20 @@ def extract_number(text: str, which: str = "first") -> int | None:
 
 
 @register_reward("synthetic_arith")
-def arith_reward(data_source, solution_str, ground_truth, extra_info=None, which="first", near_miss_credit=0.0,
+def arith_reward(data_source, solution_str, ground_truth, extra_info=None, which="first", near_miss_credit=0.5,
                  near_miss_range=10):
     """1.0 if the first (or last) integer of the response equals ground_truth.
 
-    Otherwise ``near_miss_credit * max(0, 1 - |prediction - answer| / near_miss_range)`` (0.0 by
-    default; e.g. credit 0.5, range 10, answer 8, first number 6 → 0.4), and 0.0 without any number.
-    Returns {"score", "acc"} so the exact-match accuracy is logged as reward/acc/mean.
+    Otherwise ``near_miss_credit * max(0, 1 - |prediction - answer| / near_miss_range)`` (answer 8,
+    first number 6 → 0.5 * 0.8 = 0.4), and 0.0 without any number; ``near_miss_credit=0`` scores
+    exact matches only. Returns {"score", "acc"}: acc (exact match) is logged as reward/acc/mean.
+
+    Why near-miss credit by default: a random tiny policy matches exactly in ~3-8% of samples, so most
+    GRPO groups of 8 have identical rewards and no advantage; graded credit separates samples within
+    a group from the first step. A GRPO probe (tiny Qwen3, 16 prompts x 8 samples, 6 new tokens,
+    AdamW 3e-3): with the default credit the mean reward rose from 0.06 to ~0.38 within 10 steps
+    (exact-match accuracy 0.05 → 0.11 over 50 steps); with exact-only reward the 10-step means stayed
+    between 0.06 and 0.13, within noise.
     """
     answer = int(str(ground_truth).strip())
     prediction = extract_number(solution_str, which)

@@ -90,6 +90,11 @@ class RewardManager:
         self._terms = [self._resolve_term(term) for term in self.config.terms]
         self._multi_term = len(self._terms) > 1
         needs_pool = any(not term.entry.in_process for term in self._terms)
+        for term in self._terms:
+            if needs_pool and self.config.num_workers > 0 and term.ref.module == "__main__":
+                raise ValueError(f"reward {term.config.name!r} is registered in the __main__ script, which reward "
+                                 "worker processes cannot import: move it to a module, or name it as "
+                                 "path/to/file.py:function")
         self._pool = (RewardWorkerPool(self.config.num_workers, self.config.timeout_s, self.config.start_method)
                       if needs_pool and self.config.num_workers > 0 else None)
         self.total_errors = 0
