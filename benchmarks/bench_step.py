@@ -46,8 +46,10 @@ def _bare_step(engine, micro_batches, pos, num_loss_tokens):
     engine.optimizer.step()
 
 
-def bench(hf_dir: str, layout_kwargs: dict, steps: int, num_seqs: int, max_len: int, max_tokens: int) -> dict:
+def bench(hf_dir: str, layout_kwargs: dict, steps: int, num_seqs: int, max_len: int, max_tokens: int, threads: int) -> dict:
     import torch
+
+    torch.set_num_threads(threads)  # spinning intra-op threads make timings noisy on a shared machine
 
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1024, help="micro-batch token budget per GPU")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
@@ -116,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = write_tiny_model(os.path.join(tmp, "tiny_moe"), TinyModelSpec(num_layers=args.layers))
         result = run_on_ranks(
-            bench, args.world, args=(hf_dir, layout, args.steps, args.seqs, args.max_len, args.max_tokens), timeout=900
+            bench, args.world, args=(hf_dir, layout, args.steps, args.seqs, args.max_len, args.max_tokens, args.threads), timeout=900
         )[0]
     print(
         f"layout {layout} world {args.world}: {result['tokens']} tokens, {result['micro_batches']} micro-batches/rank\n"
