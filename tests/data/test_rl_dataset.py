@@ -127,3 +127,18 @@ def test_missing_file_and_unknown_format(tmp_path, tokenizer):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataFormatError, match="unsupported dataset format"):
         read_records(str(tmp_path / "x.csv"))
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path, tokenizer):
+    import copy
+
+    thinking_tokenizer = copy.deepcopy(tokenizer)
+    thinking_tokenizer.chat_template = tokenizer.chat_template + (
+        "{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+    path = write_jsonl(tmp_path / "t.jsonl", [row("Hi")])
+    plain = RLDataset(RLDatasetConfig(files=[path]), thinking_tokenizer)
+    no_think = RLDataset(RLDatasetConfig(files=[path], chat_template_kwargs={"enable_thinking": False}),
+                         thinking_tokenizer)
+    assert thinking_tokenizer.decode(no_think[0].prompt_ids) == \
+        thinking_tokenizer.decode(plain[0].prompt_ids) + "<think>\n\n</think>\n\n"

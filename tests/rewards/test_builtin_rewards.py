@@ -163,3 +163,14 @@ def test_last_boxed_content():
     assert last_boxed_content("\\boxed 5$") == "5"
     assert last_boxed_content("\\boxed{unclosed") is None
     assert last_boxed_content("nothing") is None
+
+
+def test_math_reward_works_off_the_main_thread():
+    # math-verify's own timeout uses signal.alarm (main thread only); elsewhere it must be switched off.
+    import threading
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(call("math", "\\boxed{\\frac{1}{2}}", "0.5")))
+    thread.start()
+    thread.join(timeout=60)
+    assert results == [1.0]
