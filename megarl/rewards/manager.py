@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from megarl.rewards.config import RewardConfig, RewardTermConfig
-from megarl.rewards.pool import CallOutcome, RewardCall, RewardRef, RewardWorkerPool, _describe
+from megarl.rewards.pool import CallOutcome, RewardCall, RewardRef, RewardWorkerPool, describe_exception
 from megarl.rewards.registry import RewardEntry, is_custom_spec, resolve_reward
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _call_inline(term: _Term, call: RewardCall) -> CallOutcome:
     try:
         return CallOutcome("ok", term.entry.fn(*call.args, **call.kwargs))
     except Exception as exc:  # noqa: BLE001 - a reward never stops training
-        return CallOutcome("error", error=_describe(exc))
+        return CallOutcome("error", error=describe_exception(exc))
 
 
 def _unbatch(outcome: CallOutcome, n: int) -> list[CallOutcome]:

@@ -83,14 +83,14 @@ def _worker_main(conn) -> None:
                 conn.send((call_id, _RESOLVED, None, None))  # the call's own timeout starts now
             reply = (call_id, "ok", functions[ref](*args, **kwargs), None)
         except BaseException as exc:  # noqa: BLE001 - a reward's SystemExit must not stop the worker either
-            reply = (call_id, "error", None, _describe(exc))
+            reply = (call_id, "error", None, describe_exception(exc))
         try:
             conn.send(reply)
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable return value
-            conn.send((call_id, "error", None, f"reward returned an unsendable value: {_describe(exc)}"))
+            conn.send((call_id, "error", None, f"reward returned an unsendable value: {describe_exception(exc)}"))
 
 
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
     frames = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return f"{type(exc).__name__}: {exc}\n{''.join(frames[-3:])}"
 
@@ -154,7 +154,7 @@ class RewardWorkerPool:
                     worker.conn.send((call_id, call.ref, call.args, call.kwargs))
                 except Exception as exc:  # noqa: BLE001 - a dead idle worker, or unpicklable arguments
                     if worker.process.is_alive():  # pickling fails before anything is written
-                        outcomes[index] = CallOutcome("error", error=f"could not send the call: {_describe(exc)}")
+                        outcomes[index] = CallOutcome("error", error=f"could not send the call: {describe_exception(exc)}")
                         idle.append(worker)
                     else:  # the worker died while idle: retry the call on a fresh one
                         pending.appendleft(index)
