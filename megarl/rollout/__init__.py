@@ -8,7 +8,7 @@ Public API (what the trainer calls):
     WeightPusher(group.engines, WeightPushOptions(...)).push(export_hf_weights(handle), is_sender=rank == 0)
 """
 
-from megarl.rollout.engine_group import EngineDiedError, EngineGroup, EngineGroupOptions, EngineTimeoutError
+from megarl.rollout.engine_group import EngineDiedError, EngineGroup, EngineGroupOptions, EngineTimeoutError, engine_handles
 from megarl.rollout.placement import RolloutPlacement, init_ray
 from megarl.rollout.types import EngineHealth, RolloutRequest, SampleResult, SamplingOptions
 from megarl.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
@@ -25,5 +25,6 @@ __all__ = [
     "SamplingOptions",
     "VLLMEngine",
     "VLLMEngineConfig",
+    "engine_handles",
     "init_ray",
 ]

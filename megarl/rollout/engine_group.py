@@ -46,6 +46,7 @@ class EngineGroupOptions:
     generate_timeout_s: float = 1800.0
     start_timeout_s: float = 900.0
     engine_cpus: float = 1.0  # CPUs reserved per engine bundle (fractions let small test machines pack engines)
+    name: str | None = None  # named actors "<name>-<i>": other processes (training rank 0) find them with engine_handles()
 
     def __post_init__(self):
         if self.on_engine_failure not in ("raise", "restart"):
@@ -88,7 +89,8 @@ class EngineGroup:
             env=env,
             cpus=self.options.engine_cpus,
         )
-        return ray.remote(VLLMEngine).options(name=None, max_restarts=0, **opts).remote(self.config, index)
+        name = f"{self.options.name}-{index}" if self.options.name else None
+        return ray.remote(VLLMEngine).options(name=name, max_restarts=0, **opts).remote(self.config, index)
 
     def _wait_started(self, indices) -> None:
         import ray
@@ -109,6 +111,14 @@ class EngineGroup:
             ray.kill(self.engines[index], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        if self.options.name:  # the name is free only once the old actor is gone
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(f"{self.options.name}-{index}")
+                except ValueError:
+                    break
+                time.sleep(0.2)
         self._required_version = max(self._required_version, *self._versions)
         self.engines[index] = self._start_actor(index)
         self._wait_started([index])
@@ -236,6 +246,14 @@ class EngineGroup:
             except Exception:  # noqa: BLE001
                 pass
         self.engines = []
+
+
+def engine_handles(name: str, num_engines: int) -> list:
+    """The actors of the EngineGroup created with `EngineGroupOptions(name=name)`, from any process
+    connected to the same Ray cluster and namespace (e.g. training rank 0, which sends the weights)."""
+    import ray
+
+    return [ray.get_actor(f"{name}-{i}") for i in range(num_engines)]
 
 
 def balance(requests: list[RolloutRequest], todo: list[int], sampling: SamplingOptions, num_engines: int) -> list[list[int]]:

@@ -125,8 +125,13 @@ def actor_options(slot: EngineSlot, *, use_gpu: bool, tensor_parallel_size: int,
     )
 
 
+RAY_NAMESPACE = "megarl"
+
+
 def init_ray(num_cpus: int | None = None, address: str | None = None, object_store_gb: float | None = None) -> None:
-    """Start (or join, with `address`) Ray with everything inside the work tree; idempotent."""
+    """Start (or join, with `address`) Ray with everything inside the work tree; idempotent.
+    Everything runs in the "megarl" namespace so named engine actors can be found by other drivers
+    (training ranks join with `init_ray(address=gcs_address)`)."""
     import ray
 
     from megarl.rollout.vllm_engine import repo_root, runtime_dir
@@ -134,13 +139,14 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, object_sto
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address)
+        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
         return
     temp = os.path.join(runtime_dir(), "ray")
     os.makedirs(temp, exist_ok=True)
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
+        namespace=RAY_NAMESPACE,
         _temp_dir=temp,
         object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None,
         log_to_driver=os.environ.get("MEGARL_RAY_LOG_TO_DRIVER", "0") == "1",

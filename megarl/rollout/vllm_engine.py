@@ -179,6 +179,22 @@ class VLLMEngine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self._to_results(i, request, out) for i, (request, out) in enumerate(zip(requests, outputs, strict=True))]
 
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probs of given token sequences under the engine's current weights (prompt log-probs):
+        `out[b][t]` = log p(sequences[b][t] | sequences[b][:t]) for t >= 1, and out[b][0] = 0.0 — the
+        layout of `megarl.models.batch` log-probs. Temperature 1 (no processing), nats."""
+        if self.sleeping or self.updating:
+            raise RuntimeError(f"engine {self.engine_index} cannot score now (asleep or mid-push)")
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(map(int, s))} for s in sequences], params, use_tqdm=False)
+        scores = []
+        for seq, out in zip(sequences, outputs, strict=True):
+            # prompt_logprobs[0] is None (no context); entry t maps token ids to Logprob objects.
+            scores.append([0.0] + [float(out.prompt_logprobs[t][int(seq[t])].logprob) for t in range(1, len(seq))])
+        return scores
+
     def generate_tagged(self, requests: list[RolloutRequest], sampling: SamplingOptions = SamplingOptions()) -> tuple[int, list[list[SampleResult]]]:
         """`generate`, plus the weights version that produced the samples (for EngineGroup)."""
         return self.weights_version, self.generate(requests, sampling)

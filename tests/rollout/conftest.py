@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+SHARED_ENGINE_NAME = "megarl-test-rollout"  # named actor: gloo ranks find it with engine_handles()
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -27,7 +29,7 @@ def rollout_group(ray_cluster, tiny_moe_dir):
 
     group = EngineGroup(
         VLLMEngineConfig.for_cpu_tests(tiny_moe_dir),
-        EngineGroupOptions(num_engines=1, engine_cpus=0.5, generate_timeout_s=300, start_timeout_s=300),
+        EngineGroupOptions(num_engines=1, engine_cpus=0.5, generate_timeout_s=300, start_timeout_s=300, name=SHARED_ENGINE_NAME),
     )
     yield group
     group.shutdown()

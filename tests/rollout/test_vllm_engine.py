@@ -89,3 +89,18 @@ def test_sleep_is_a_documented_noop_on_cpu(rollout_group, tiny_moe_dir):
 
     with pytest.raises(ValueError, match="sleep_mode is not supported by vLLM on CPU"):
         VLLMEngine(VLLMEngineConfig.for_cpu_tests(tiny_moe_dir, enable_sleep_mode=True))
+
+
+def test_score_gives_token_aligned_logprobs_of_given_sequences(rollout_group, hf_model):
+    import ray
+    import torch
+
+    from tests.rollout.reference import hf_token_logprobs
+
+    sample = rollout_group.generate([RolloutRequest(prompt_token_ids=[7, 8, 9])], SamplingOptions(max_tokens=10, seed=2))[0][0]
+    sequences = [sample.all_token_ids, [3, 4, 5, 6, 100, 200]]
+    scores = ray.get(rollout_group.engines[0].score.remote(sequences))
+    for seq, score in zip(sequences, scores):
+        assert len(score) == len(seq) and score[0] == 0.0
+        assert (torch.tensor(score[1:]) - hf_token_logprobs(hf_model, seq, 1)).abs().max() < 1e-4
+    assert max(abs(a - b) for a, b in zip(scores[0][3:], sample.logprobs)) < 1e-4
