@@ -136,6 +136,10 @@ class RLDataset:
                 origins.append((path, row_index))
         return rows, origins
 
+    def data_sources(self) -> set[str]:
+        """The distinct data_source values (which select the reward)."""
+        return {row["data_source"] for row in self._rows}
+
     def __len__(self) -> int:
         return len(self._rows)
 

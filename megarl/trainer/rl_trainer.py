@@ -34,11 +34,13 @@ class RLTrainer:
         resume_from = resolve_resume(cfg.trainer.resume, self.store)  # a bad path fails before any actor starts
 
         self.tokenizer = components.load_tokenizer(cfg)
-        self.loader = components.train_loader(cfg, components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files))
+        train_set = components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files)
+        self.loader = components.train_loader(cfg, train_set)
         self.val_set = (components.prompt_dataset(cfg, self.tokenizer, cfg.data.val_files) if cfg.data.val_files else None)
         self.total_steps = cfg.trainer.total_steps or self.loader.total_batches
         self.mini_batches_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
         self.rewards = components.reward_manager(cfg)
+        self.rewards.check_data_sources(train_set.data_sources() | (self.val_set.data_sources() if self.val_set else set()))
         self.sampling = components.sampling_options(cfg)
         self.kl_controller = None
         if cfg.algorithm.use_kl_in_reward:
