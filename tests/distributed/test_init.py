@@ -45,10 +45,10 @@ def _init_world():
     return out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(450)
 @pytest.mark.distributed
 def test_init_reset_and_switch_layouts():
-    ranks = run_on_ranks(_init_world, world_size=2, timeout=200)
+    ranks = run_on_ranks(_init_world, world_size=2, timeout=400)
     for rank, out in enumerate(ranks):
         assert out["tp2"] == ("gloo", 2, rank, 1, rank)
         assert out["again_is_noop"]

@@ -83,22 +83,22 @@ def _reference_world():
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_on_ranks(_reference_world, world_size=1, timeout=240)[0]
+    return run_on_ranks(_reference_world, world_size=1, timeout=600)[0]
 
 
 @pytest.fixture(scope="module")
 def world2():
-    return run_on_ranks(_world, world_size=2, args=(LAYOUTS, PACKED_LAYOUTS, True), timeout=360)
+    return run_on_ranks(_world, world_size=2, args=(LAYOUTS, PACKED_LAYOUTS, True), timeout=600)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1300)
 @pytest.mark.distributed
 def test_reference_trains(reference):
     for losses in reference["losses"].values():
         assert losses[1] < losses[0] - 0.05, losses  # the SGD step did something measurable
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1300)
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(reference, world2, name):
@@ -108,7 +108,7 @@ def test_layout_matches_single_process(reference, world2, name):
         assert got == pytest.approx(expected, abs=1e-5, rel=0), (name, rank, got, expected)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1300)
 @pytest.mark.distributed
 def test_vpp_with_batched_p2p_over_gloo_is_wrong(reference, world2):
     """The negative control for the VPP p2p override: megatron's default gives other losses."""
@@ -116,7 +116,7 @@ def test_vpp_with_batched_p2p_over_gloo_is_wrong(reference, world2):
     assert max(abs(a - b) for a, b in zip(wrong, reference["losses"][4])) > 1e-2, wrong
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1300)
 @pytest.mark.distributed
 def test_packed_thd_equals_padded(reference, world2):
     assert reference["packed"]["cp1"] < 1e-5

@@ -168,10 +168,10 @@ def _ablation_world(workdir, names):
 @pytest.fixture(scope="module")
 def ablations(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ablation"))
-    return run_on_ranks(_ablation_world, world_size=2, args=(workdir, list(ABLATIONS)), timeout=420)
+    return run_on_ranks(_ablation_world, world_size=2, args=(workdir, list(ABLATIONS)), timeout=600)
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(700)
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_patch_is_needed(ablations, name):
@@ -186,7 +186,7 @@ def test_patch_is_needed(ablations, name):
         assert results[name]["with"], name
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(700)
 @pytest.mark.distributed
 def test_resume_with_all_patches_is_exact(ablations):
     continued, resumed = ablations[0]["distopt_step_per_param"]["with"]
