@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -28,24 +29,33 @@ ENTROPY_COEF, SEQ_COEF = 0.01, 0.1
 OFFLOAD_HALF = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}
 OFFLOAD_ALL_OVERLAP = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0, "overlap_cpu_optimizer_d2h_h2d": True}
 
-# (name, model ("2l": tiny_moe_dir, "4l": 4-layer variant for VPP), ParallelLayout kwargs,
-#  packed micro-batches in the training step, OptimizerOptions overrides)
+class Case(NamedTuple):
+    name: str
+    model: str  # "2l": the tiny_moe_dir model; "4l": a 4-layer variant (VPP needs layers % (PP*VPP) == 0)
+    layout: dict  # ParallelLayout kwargs
+    train_packed: bool = True  # THD-packed micro-batches in the training step (else padded)
+    optimizer: dict = {}  # OptimizerOptions overrides
+    build: dict = {}  # build_megatron_model kwargs
+
+
 LAYOUTS_WORLD2 = [
-    ("tp1_dp2", "2l", {}, True, {}),
-    ("tp2", "2l", {"tp": 2}, False, {}),
-    ("pp2", "2l", {"pp": 2}, True, {}),
-    ("ep2", "2l", {"ep": 2}, False, {}),
-    ("cp2", "2l", {"cp": 2}, True, {}),
-    ("pp2_vpp2", "4l", {"pp": 2, "vpp": 2}, True, {}),
-    ("tp1_dp2_offload", "2l", {}, True, OFFLOAD_HALF),
-    ("ep2_distopt", "2l", {"ep": 2}, False, {"use_distributed_optimizer": True}),
+    Case("tp1_dp2", "2l", {}),
+    Case("tp2", "2l", {"tp": 2}, train_packed=False),
+    Case("pp2", "2l", {"pp": 2}),
+    Case("ep2", "2l", {"ep": 2}, train_packed=False),
+    Case("cp2", "2l", {"cp": 2}),
+    Case("pp2_vpp2", "4l", {"pp": 2, "vpp": 2}),
+    Case("tp1_dp2_offload", "2l", {}, optimizer=OFFLOAD_HALF),
+    Case("ep2_distopt", "2l", {"ep": 2}, train_packed=False, optimizer={"use_distributed_optimizer": True}),
+    # vocab 512 padded to 768: TP rank 1 holds columns 384..767, of which 512.. are not tokens
+    Case("tp2_vocab_pad", "2l", {"tp": 2}, build={"make_vocab_size_divisible_by": 384}),
 ]
 LAYOUTS_WORLD4 = [
-    ("tp2_ep2", "2l", {"tp": 2, "ep": 2}, True, {}),
-    ("tp2_pp2", "2l", {"tp": 2, "pp": 2}, False, {}),
-    ("pp2_ep2", "2l", {"pp": 2, "ep": 2}, True, {}),
-    ("tp2_ep2_offload", "2l", {"tp": 2, "ep": 2}, True, OFFLOAD_ALL_OVERLAP),
-    ("tp2_cp2", "2l", {"tp": 2, "cp": 2}, True, {}),  # sequences padded to 2*CP*TP under SP
+    Case("tp2_ep2", "2l", {"tp": 2, "ep": 2}),
+    Case("tp2_pp2", "2l", {"tp": 2, "pp": 2}, train_packed=False),
+    Case("pp2_ep2", "2l", {"pp": 2, "ep": 2}),
+    Case("tp2_ep2_offload", "2l", {"tp": 2, "ep": 2}, optimizer=OFFLOAD_ALL_OVERLAP),
+    Case("tp2_cp2", "2l", {"tp": 2, "cp": 2}),  # sequences padded to 2*CP*TP under SP
 ]
 # an offloaded optimizer step must equal the plain one
 SAME_AS = {"tp1_dp2_offload": "tp1_dp2", "ep2_distopt": "ep2", "tp2_ep2_offload": "tp2_ep2"}
@@ -151,14 +161,15 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> 
 
     batch = make_batch()
     results = {}
-    for name, model, layout_kwargs, train_packed, optimizer_kwargs in layouts:
-        layout = ParallelLayout(**layout_kwargs)
+    for case in layouts:
+        name = case.name
+        layout = ParallelLayout(**case.layout)
         init_distributed(layout)
         engine = MegatronEngine(
-            build_megatron_model(model_dirs[model], layout),
+            build_megatron_model(model_dirs[case.model], layout, **case.build),
             EngineOptions(
                 micro_batches=MicroBatchOptions(max_tokens_per_gpu=32),
-                optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP, **optimizer_kwargs),
+                optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP, **case.optimizer),
             ),
         )
         logprobs, entropy = engine.forward_logprobs(batch, with_entropy=True)
@@ -166,13 +177,14 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> 
         logprobs_t, _ = engine.forward_logprobs(batch, temperature=TEMPERATURE)
         step = engine.train_step(
             batch, make_loss_fn(batch), with_entropy=True,
-            micro_batches=MicroBatchOptions(max_tokens_per_gpu=32, packed=train_packed),
+            micro_batches=MicroBatchOptions(max_tokens_per_gpu=32, packed=case.train_packed),
         )
         weights = {k: v.clone() for k, v in engine.export_hf_weights()}
         results[name] = {
             "logprobs": logprobs, "entropy": entropy, "padded": padded, "logprobs_t": logprobs_t,
             "step": step, "weights": weights if torch.distributed.get_rank() == 0 else None,
             "offloaded": offloaded_fraction(engine.optimizer),
+            "model_vocab": engine.handle.unwrapped_chunks()[0].vocab_size,
         }
         del engine
         gc.collect()
@@ -209,8 +221,8 @@ def load_results(per_rank: list[bytes]) -> list[dict]:
 
 def check_layouts(per_rank: list[dict], refs: dict, layouts: list) -> None:
     rows = []
-    for name, model, _, _, _ in layouts:
-        ref = refs[model]
+    for case in layouts:
+        name, ref = case.name, refs[case.model]
         got = per_rank[0][name]
         for other in per_rank[1:]:  # results are identical on every rank
             assert torch.equal(other[name]["logprobs"], got["logprobs"]), name
@@ -232,13 +244,14 @@ def check_layouts(per_rank: list[dict], refs: dict, layouts: list) -> None:
             diff = max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"])
             print(f"{name} vs {plain}: weights {diff:.2e} loss {abs(a['step'].loss - b['step'].loss):.2e}")
             assert diff <= 1e-6 and abs(a["step"].loss - b["step"].loss) <= 1e-6, (name, diff)
-    for name, _, _, _, optimizer_kwargs in layouts:
+    for case in layouts:
+        name, optimizer_kwargs = case.name, case.optimizer
         fraction = optimizer_kwargs.get("optimizer_offload_fraction", 0.0) if optimizer_kwargs.get("optimizer_cpu_offload") else 0.0
         offloaded = [r[name]["offloaded"] for r in per_rank]
         # megatron offloads whole parameters until the fraction is reached
         assert all(fraction <= o < fraction + 0.35 if fraction else o == 0.0 for o in offloaded), (name, offloaded)
-    for (name, diffs, got), layout in zip(rows, layouts):
-        ref = refs[layout[1]]
+    for (name, diffs, got), case in zip(rows, layouts):
+        ref = refs[case.model]
         assert set(got["weights"]) == set(ref["weights"]), name
         for key in ("logprobs", "padded", "temperature", "entropy"):
             assert diffs[key] <= 1e-4, (name, key, diffs[key])
@@ -248,6 +261,7 @@ def check_layouts(per_rank: list[dict], refs: dict, layouts: list) -> None:
         assert abs(got["step"].metrics["seq_loss"] - ref["metrics"]["seq_loss"]) <= 1e-6
         assert got["step"].lr == LR and got["step"].update_successful
         assert got["step"].num_micro_batches >= 2  # gradient accumulation is exercised
+        assert got["model_vocab"] == (768 if "make_vocab_size_divisible_by" in case.build else 512)
 
 
 def test_reference_step_moves_weights(hf_reference):
