@@ -18,6 +18,7 @@ needs all weights in memory at once. vLLM buffers a layer's tensors until the wh
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 
@@ -44,6 +45,7 @@ class MegarlWorkerExtension:
 
         from megarl.rollout.weight_sync.base import bucket_digest, get_transport_class
 
+        start = time.perf_counter()
         receiver = get_transport_class(transport)
         named = receiver.receive(payload, device=getattr(self, "device", torch.device("cpu")))
         info = {"tensors": len(named), "bytes": sum(t.numel() * t.element_size() for _, t in named)}
@@ -52,6 +54,7 @@ class MegarlWorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             self._megarl_model().load_weights(iter(named))
         self._megarl_loaded_names.update(name for name, _ in named)
+        info["seconds"] = time.perf_counter() - start
         return info
 
     def megarl_finish_weight_update(self) -> dict:

@@ -4,13 +4,15 @@
     stats = pusher.push(export_hf_weights(handle), is_sender=(rank == 0))
 
 Every training rank must iterate the exporter (it runs collectives); only the sender ships buckets.
-At most one bucket is materialised beyond the tensors the iterator yields: the sender waits until
-every engine has loaded bucket k before it builds bucket k+1.
+At most one bucket is materialised beyond the tensors the iterator yields (by default): the sender
+waits until every engine has loaded bucket k before it builds bucket k+1. `max_inflight_buckets=2`
+trades a second bucket of memory for overlapping the sender's copy with the engines' loads.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 
@@ -29,17 +31,22 @@ class WeightPushOptions:
     """transport: a registered transport name (object_store | cuda_ipc | nccl | inline).
     bucket_mb: bucket size in MiB. verify: "none"; "digest" (every engine hashes each received bucket
     and it must equal the sender's hash); "checksum" (after the push, all engines' full weight
-    checksums must be equal); "all" (both). timeout_s: per bucket and per finish call."""
+    checksums must be equal); "all" (both). timeout_s: per bucket and per finish call.
+    max_inflight_buckets: 1 = the sender builds bucket k+1 only after every engine loaded bucket k
+    (one bucket materialised at a time); 2 overlaps building k+1 with loading k (two buckets)."""
 
     transport: str = "object_store"
     bucket_mb: float = 512.0
     verify: str = "none"
     timeout_s: float = 600.0
+    max_inflight_buckets: int = 1
     transport_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.verify not in ("none", "digest", "checksum", "all"):
             raise ValueError(f"WeightPushOptions.verify must be none|digest|checksum|all, got {self.verify!r}")
+        if self.max_inflight_buckets < 1:
+            raise ValueError(f"WeightPushOptions.max_inflight_buckets must be >= 1, got {self.max_inflight_buckets}")
         if self.bucket_mb <= 0:
             raise ValueError(f"WeightPushOptions.bucket_mb must be positive, got {self.bucket_mb}")
         get_transport_class(self.transport)  # unknown names fail here, listing the registered ones
@@ -59,6 +66,9 @@ class PushStats:
     seconds: float = 0.0
     engine_checksums: list[str] = field(default_factory=list)
     weights_version: int = 0
+    send_seconds: float = 0.0  # sender: building and shipping buckets
+    engine_load_seconds: float = 0.0  # slowest engine's decode + load, summed over buckets
+    finish_seconds: float = 0.0  # vLLM's post-load processing (and the CPU MoE re-prepack)
 
     @property
     def gb_per_s(self) -> float:
@@ -96,20 +106,18 @@ class WeightPusher:
         start = time.perf_counter()
         versions = self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
         new_version = max(v or 0 for v in versions) + 1  # the same number on every engine
+        want_digest = opts.verify in ("digest", "all")
+        inflight: deque = deque()  # (bucket, refs) shipped but not yet confirmed by every engine
         try:
             for bucket in iter_buckets(named_tensors, opts.bucket_bytes):
-                want_digest = opts.verify in ("digest", "all")
-                refs = transport.send_bucket(bucket, self.engines, digest=want_digest)
-                reports = self._wait(refs, f"load of bucket {stats.buckets}")
-                if want_digest:
-                    expected = bucket_digest(bucket)
-                    bad = [i for i, r in enumerate(reports) if r.get("digest") != expected]
-                    if bad:
-                        raise WeightPushError(f"bucket {stats.buckets}: engines {bad} received different bytes than sent")
-                stats.buckets += 1
-                stats.tensors += len(bucket)
-                stats.bytes += sum(tensor_nbytes(t) for _, t in bucket)
-                del bucket, refs
+                sent = time.perf_counter()
+                inflight.append((bucket, transport.send_bucket(bucket, self.engines, digest=want_digest)))
+                stats.send_seconds += time.perf_counter() - sent
+                del bucket
+                while len(inflight) >= opts.max_inflight_buckets:
+                    self._confirm(*inflight.popleft(), stats, want_digest)
+            while inflight:
+                self._confirm(*inflight.popleft(), stats, want_digest)
         except BaseException:
             # Leave the engines in a loadable state (vLLM puts the old kernel tensors back for layers
             # that did not arrive); the caller sees the original error.
@@ -118,7 +126,9 @@ class WeightPusher:
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise
+        finishing = time.perf_counter()
         finished = self._wait([e.finish_weight_update.remote(new_version) for e in self.engines], "finish_weight_update")
+        stats.finish_seconds = time.perf_counter() - finishing
         stats.seconds = time.perf_counter() - start
         stats.weights_version = max(f["weights_version"] for f in finished)
         if stats.tensors == 0:
@@ -128,6 +138,18 @@ class WeightPusher:
             if len(set(stats.engine_checksums)) != 1:
                 raise WeightPushError(f"engines hold different weights after the push: {stats.engine_checksums}")
         return stats
+
+    def _confirm(self, bucket, refs: list, stats: PushStats, want_digest: bool) -> None:
+        reports = self._wait(refs, f"load of bucket {stats.buckets}")
+        stats.engine_load_seconds += max(r.get("seconds", 0.0) for r in reports)
+        if want_digest:
+            expected = bucket_digest(bucket)
+            bad = [i for i, r in enumerate(reports) if r.get("digest") != expected]
+            if bad:
+                raise WeightPushError(f"bucket {stats.buckets}: engines {bad} received different bytes than sent")
+        stats.buckets += 1
+        stats.tensors += len(bucket)
+        stats.bytes += sum(tensor_nbytes(t) for _, t in bucket)
 
     def _wait(self, refs: list, what: str) -> list:
         import ray
