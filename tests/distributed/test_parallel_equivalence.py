@@ -31,11 +31,20 @@ LAYOUTS = {
 # megatron's default batched p2p is silently wrong there.
 VPP_BATCHED_P2P = dict(batch_p2p_comm=True, overlap_p2p_comm=False)
 PACKED_LAYOUTS = {"cp2": dict(cp=2), "tp2": dict(tp=2)}
+# world 4: ETP2 (uneven token all-gather / reduce-scatter in the MoE dispatcher) and combinations
+LAYOUTS_WORLD4 = {
+    "tp2_ep2_etp2": (dict(tp=2, ep=2), {}),
+    "tp2_cp2_ep2_etp1": (dict(tp=2, cp=2, ep=2, etp=1), {}),
+    "pp2_cp2_ep2": (dict(pp=2, cp=2, ep=2), {}),
+    "tp2_pp2_vpp2": (dict(tp=2, pp=2, vpp=2), {}),
+}
+PACKED_LAYOUTS_WORLD4 = {"tp2_cp2": dict(tp=2, cp=2)}
 LENGTHS = [5, 9, 6]
 
 
 def _layers(name) -> int:
-    return 4 if LAYOUTS[name][0].get("vpp") else 2  # VPP2 x PP2 needs 4 layers
+    layout_kwargs = {**LAYOUTS, **LAYOUTS_WORLD4}[name][0]
+    return 4 if layout_kwargs.get("vpp") else 2  # VPP2 x PP2 needs 4 layers
 
 
 def _world(layouts, packed_layouts, vpp_batched_p2p=False):
@@ -125,3 +134,15 @@ def test_packed_thd_equals_padded(reference, world2):
     for result in world2:
         for name, diff in result["packed"].items():
             assert diff < 1e-5, (name, diff)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.distributed
+def test_world4_layouts_match_single_process(reference):
+    ranks = run_on_ranks(_world, world_size=4, args=(LAYOUTS_WORLD4, PACKED_LAYOUTS_WORLD4), timeout=900)
+    for rank, result in enumerate(ranks):
+        for name, got in result["losses"].items():
+            expected = reference["losses"][_layers(name)]
+            assert got == pytest.approx(expected, abs=1e-5, rel=0), (name, rank, got, expected)
+        assert result["packed"]["tp2_cp2"] < 1e-5
