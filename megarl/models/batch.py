@@ -109,6 +109,12 @@ class SequenceBatch:
     def with_fields(self, **fields: torch.Tensor) -> "SequenceBatch":
         return SequenceBatch(self.input_ids, self.lengths, {**self.fields, **fields})
 
+    def to(self, device) -> "SequenceBatch":
+        """The same batch with every tensor on `device` (no copy when already there)."""
+        return SequenceBatch(
+            self.input_ids.to(device), self.lengths.to(device), {k: v.to(device) for k, v in self.fields.items()}
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Planning: which sequences go to which DP rank and micro-batch.
@@ -311,17 +317,17 @@ class MicroBatch:
         lengths = self.row_lengths if self.packed else self.row_lengths[:1]
         return context_parallel_index(lengths, cp_size, cp_rank)
 
-    def model_inputs(self, cp_size: int = 1, cp_rank: int = 0) -> dict:
+    def model_inputs(self, cp_size: int = 1, cp_rank: int = 0, device=None) -> dict:
         """CP-local `input_ids`, `position_ids`, `labels` (`[b, s_local]`) and, when packed, the
         THD `packed_seq_params` fields (`cu_seqlens`, `max_seqlen`) over the full sequences."""
         idx = self.cp_index(cp_size, cp_rank)
         out = {
-            "input_ids": self.tokens[:, idx].contiguous(),
-            "position_ids": self.positions[:, idx].contiguous(),
-            "labels": self.labels[:, idx].contiguous(),
+            "input_ids": self.tokens[:, idx].to(device).contiguous(),
+            "position_ids": self.positions[:, idx].to(device).contiguous(),
+            "labels": self.labels[:, idx].to(device).contiguous(),
         }
         if self.packed:
-            out["cu_seqlens"] = self.cu_seqlens
+            out["cu_seqlens"] = self.cu_seqlens.to(device)
             out["max_seqlen"] = max(self.row_lengths)
         return out
 
@@ -330,4 +336,5 @@ class MicroBatch:
         token-aligned `[b, max_len]` (value of token t from position t-1; 0 at t=0 and padding).
         Differentiable."""
         flat = layout_values.reshape(-1)
-        return flat[self.source_index] * self.source_valid.to(flat.dtype)
+        index, valid = self.source_index.to(flat.device), self.source_valid.to(flat.device, flat.dtype)
+        return flat[index] * valid

@@ -207,9 +207,9 @@ class MegatronEngine:
         if pos.is_last_stage:
             for mb, (lp, ent) in zip(micro_batches, outputs):
                 width = lp.size(1)
-                logprobs[mb.indices, :width] = lp.float()
+                logprobs[mb.indices, :width] = lp.float().cpu()
                 if with_entropy:
-                    entropy[mb.indices, :width] = ent.float()
+                    entropy[mb.indices, :width] = ent.float().cpu()
         logprobs = share_across_world(logprobs, pos)
         if with_entropy:
             entropy = share_across_world(entropy, pos)
@@ -246,13 +246,13 @@ class MegatronEngine:
 
             def loss_func(logits):
                 logprobs, entropy = token_scores(logits, mb, pos, temperature, with_entropy, self.vocab_size)
-                loss, metrics = loss_fn(logprobs, entropy, mb.sequences)
+                loss, metrics = loss_fn(logprobs, entropy, mb.sequences.to(logprobs.device))
                 if loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
                 reported = {"loss": loss.detach().clone().float()}
                 reported.update({k: torch.as_tensor(v, dtype=torch.float32).detach().clone() for k, v in metrics.items()})
                 # 3-tuple: with calculate_per_token_loss the schedule leaves the loss unscaled
-                return loss, torch.tensor(mb.sequences.num_tokens, dtype=torch.int), reported
+                return loss, torch.tensor(mb.sequences.num_tokens, dtype=torch.int, device=loss.device), reported
 
             return output, loss_func
 

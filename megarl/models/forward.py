@@ -118,8 +118,8 @@ class _GatherContextParallel(torch.autograd.Function):
         dist.all_gather(pieces, local.contiguous(), group=group)
         full = local.new_zeros(*local.shape[:-1], full_len)
         for idx, piece in zip(indices, pieces):
-            full[..., idx] = piece
-        ctx.own_index = own_index
+            full[..., idx.to(local.device)] = piece
+        ctx.own_index = own_index.to(local.device)
         return full
 
     @staticmethod
@@ -148,7 +148,7 @@ def token_scores(
     and at padding. Identical on every TP and CP rank of the replica. `vocab_size` is the real
     vocabulary (columns beyond it are megatron's padding and are excluded).
     """
-    labels = mb.model_inputs(pos.cp_size, pos.cp_rank)["labels"]
+    labels = mb.model_inputs(pos.cp_size, pos.cp_rank, device=logits.device)["labels"]
     logprobs, entropy = score_logits(logits, labels, temperature, with_entropy, vocab_size)
     logprobs = mb.aligned(gather_context_parallel(logprobs, mb, pos))
     if entropy is not None:
@@ -173,9 +173,13 @@ def run_schedule(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megarl.platform.device import current_device
+
+    device = current_device()
+
     def step(data_iterator, model):
         mb = next(data_iterator)
-        inputs = mb.model_inputs(pos.cp_size, pos.cp_rank)
+        inputs = mb.model_inputs(pos.cp_size, pos.cp_rank, device=device)
         return forward_step(model, mb, inputs)
 
     iterators = [iter(micro_batches) for _ in chunks]
@@ -193,8 +197,11 @@ def run_schedule(
 
 def share_across_world(local: torch.Tensor, pos: RankPosition) -> torch.Tensor:
     """Every rank gets the sum of the owning ranks' tensors (owners write disjoint entries, the
-    others contribute zeros), so results computed on the last stage reach every rank exactly."""
-    out = local if pos.owns_results else torch.zeros_like(local)
+    others contribute zeros), so results computed on the last stage reach every rank exactly.
+    The collective runs on this rank's device; the result is returned on the CPU."""
+    from megarl.platform.device import current_device
+
+    out = local.to(current_device()) if pos.owns_results else torch.zeros_like(local, device=current_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out)
-    return out
+    return out.cpu()
