@@ -298,8 +298,12 @@ def parse_layout(text: str):
     return layout, world
 
 
-def _single_rank_world():
-    """A one-rank gloo process group (torchrun variables) unless one exists. True if created here."""
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _single_rank_world() -> dict[str, str | None] | None:
+    """Set torchrun variables for a one-rank world unless a process group exists. Returns the
+    previous values to restore (None when an existing one-rank group is reused)."""
     import torch.distributed as dist
 
     from megarl.testing.distributed import free_port
@@ -307,18 +311,30 @@ def _single_rank_world():
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise ConversionError("hf_to_mcore runs in one process; call it outside a multi-rank world")
-        return False
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}.items():
-        os.environ[key] = value
-    return True
+        return None
+    previous = {key: os.environ.get(key) for key in _RANK_ENV}
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())})
+    return previous
+
+
+def _leave_single_rank_world(previous: dict[str, str | None] | None) -> None:
+    import torch.distributed as dist
+
+    if previous is None:
+        return
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def hf_to_mcore(hf_dir: str, out_root: str, options: HfToMcoreOptions | None = None) -> str:
     """Write `hf_dir`'s weights as a model-only megarl checkpoint under `out_root` (store layout:
     step_XXXXXXXX/{COMPLETE, trainer_state.json, megatron/, hf_config/}). Returns the step folder."""
-    import torch.distributed as dist
-
     from megarl.distributed import ModelShape, ParallelLayout, validate_layout
     from megarl.models.bridge import load_hf_config_for_bridge
 
@@ -342,7 +358,7 @@ def hf_to_mcore(hf_dir: str, out_root: str, options: HfToMcoreOptions | None = N
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from megarl.models.builder import build_megatron_model
 
-    created = _single_rank_world()
+    previous_env = _single_rank_world()
     try:
         single = ParallelLayout()
         init_distributed(single)
@@ -364,5 +380,4 @@ def hf_to_mcore(hf_dir: str, out_root: str, options: HfToMcoreOptions | None = N
         })
     finally:
         reset_model_parallel()
-        if created:
-            dist.destroy_process_group()
+        _leave_single_rank_world(previous_env)
