@@ -20,6 +20,7 @@ and tests, not a performance kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -155,14 +156,9 @@ class TorchCoreAttention(MegatronModule):
 
     def _sbhd_mask(self, sq: int, sk: int, causal: bool, attention_mask) -> torch.Tensor:
         """Boolean `[sq, sk]` (or broadcast with the user's `[b, 1, sq, sk]`) mask, True = attend."""
-        if self.cp_size > 1:
-            if attention_mask is not None:
-                raise NotImplementedError("an explicit attention_mask is not supported with context parallelism")
-            q_pos = cp_local_positions(sq * self.cp_size, self.cp_size, self.cp_rank)
-            k_pos = torch.cat([cp_local_positions(sq * self.cp_size, self.cp_size, r) for r in range(self.cp_size)])
-        else:
-            q_pos, k_pos = torch.arange(sq), torch.arange(sk)
-        allowed = (q_pos[:, None] >= k_pos[None, :]) if causal else torch.ones(sq, sk, dtype=torch.bool)
+        if self.cp_size > 1 and attention_mask is not None:
+            raise NotImplementedError("an explicit attention_mask is not supported with context parallelism")
+        allowed = _positional_mask(sq, sk, self.cp_size, self.cp_rank, causal)
         if attention_mask is not None:  # megatron convention: True = masked out
             allowed = allowed.to(attention_mask.device) & ~attention_mask.bool()
         return allowed
@@ -170,20 +166,37 @@ class TorchCoreAttention(MegatronModule):
     def _packed_mask(self, params, local_tokens: int, causal: bool) -> torch.Tensor:
         """Block-diagonal (causal) `[t_local, t_local * cp]` mask from the packed boundaries."""
         cu_seqlens = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-        cu_seqlens = cu_seqlens.cpu()
-        q_seq, q_pos = packed_local_layout(cu_seqlens, self.cp_size, self.cp_rank)
-        if q_seq.numel() != local_tokens:
+        cu_seqlens = tuple(cu_seqlens.tolist())
+        allowed = _packed_block_mask(cu_seqlens, self.cp_size, self.cp_rank, causal)
+        if allowed.size(0) != local_tokens:
             raise ValueError(
-                f"packed_seq_params describe {q_seq.numel()} local tokens (cu_seqlens {cu_seqlens.tolist()}, "
+                f"packed_seq_params describe {allowed.size(0)} local tokens (cu_seqlens {list(cu_seqlens)}, "
                 f"CP {self.cp_size}) but the query has {local_tokens}"
             )
-        if self.cp_size > 1:
-            layouts = [packed_local_layout(cu_seqlens, self.cp_size, r) for r in range(self.cp_size)]
-            k_seq = torch.cat([s for s, _ in layouts])
-            k_pos = torch.cat([p for _, p in layouts])
-        else:
-            k_seq, k_pos = q_seq, q_pos
-        allowed = q_seq[:, None] == k_seq[None, :]
-        if causal:
-            allowed = allowed & (q_pos[:, None] >= k_pos[None, :])
         return allowed
+
+
+# Every layer of a forward pass asks for the same mask: build it once (callers never modify it).
+@functools.lru_cache(maxsize=8)
+def _positional_mask(sq: int, sk: int, cp_size: int, cp_rank: int, causal: bool) -> torch.Tensor:
+    if not causal:
+        return torch.ones(sq, sk, dtype=torch.bool)
+    if cp_size > 1:
+        q_pos = cp_local_positions(sq * cp_size, cp_size, cp_rank)
+        k_pos = torch.cat([cp_local_positions(sq * cp_size, cp_size, r) for r in range(cp_size)])
+    else:
+        q_pos, k_pos = torch.arange(sq), torch.arange(sk)
+    return q_pos[:, None] >= k_pos[None, :]
+
+
+@functools.lru_cache(maxsize=8)
+def _packed_block_mask(cu_seqlens: tuple[int, ...], cp_size: int, cp_rank: int, causal: bool) -> torch.Tensor:
+    cu = torch.tensor(cu_seqlens)
+    q_seq, q_pos = packed_local_layout(cu, cp_size, cp_rank)
+    layouts = [packed_local_layout(cu, cp_size, r) for r in range(cp_size)]
+    k_seq = torch.cat([seq for seq, _ in layouts])
+    k_pos = torch.cat([pos for _, pos in layouts])
+    allowed = q_seq[:, None] == k_seq[None, :]
+    if causal:
+        allowed = allowed & (q_pos[:, None] >= k_pos[None, :])
+    return allowed
