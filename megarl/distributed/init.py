@@ -126,10 +126,13 @@ def reset_model_parallel() -> None:
     so one world can run several layouts (tests; re-sharding tools)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     global _current_layout
     parallel_state.destroy_model_parallel()
     megatron_random.get_cuda_rng_tracker().reset()
+    # the MoE aux-loss logging tracker keeps per-layer buffers and process groups of the old layout
+    get_moe_layer_wise_logging_tracker().clear()
     _current_layout = None
 
 
