@@ -33,7 +33,7 @@ class Case(NamedTuple):
     name: str
     model: str  # "2l": the tiny_moe_dir model; "4l": a 4-layer variant (VPP needs layers % (PP*VPP) == 0)
     layout: dict  # ParallelLayout kwargs
-    train_packed: bool = True  # THD-packed micro-batches in the training step (else padded)
+    train_packed: bool = True  # training step: THD-packed, 32-token budget (else padded, 2 sequences each)
     optimizer: dict = {}  # OptimizerOptions overrides
     build: dict = {}  # build_megatron_model kwargs
 
@@ -177,7 +177,10 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> 
         logprobs_t, _ = engine.forward_logprobs(batch, temperature=TEMPERATURE)
         step = engine.train_step(
             batch, make_loss_fn(batch), with_entropy=True,
-            micro_batches=MicroBatchOptions(max_tokens_per_gpu=32, packed=case.train_packed),
+            micro_batches=(
+                MicroBatchOptions(max_tokens_per_gpu=32) if case.train_packed
+                else MicroBatchOptions(micro_batch_size=2, packed=False)
+            ),
         )
         weights = {k: v.clone() for k, v in engine.export_hf_weights()}
         results[name] = {
