@@ -68,7 +68,8 @@ def test_missing_metadata(broken, tmp_path, victim, message):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("num_experts", 8, "num_experts=8 in the config but 4 in decoder.layers.mlp.experts.experts.linear_fc2.weight"),
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias)
+    ("num_local_experts", 8, "num_experts=8 in the config but 4 in decoder.layers.mlp.experts.experts.linear_fc2.weight"),
     ("hidden_size", 128, "hidden_size=128 in the config but 64 in embedding.word_embeddings.weight"),
     ("num_hidden_layers", 3, "num_hidden_layers=3 in the config but 2"),
 ])
