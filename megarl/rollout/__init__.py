@@ -9,11 +9,27 @@ Public API (what the trainer calls):
 """
 
 from megarl.rollout.engine_group import EngineDiedError, EngineGroup, EngineGroupOptions, EngineTimeoutError, engine_handles
+from megarl.rollout.multi_turn import (
+    ContinueScheduler,
+    MultiTurnScheduler,
+    NewTurnScheduler,
+    Trajectory,
+    load_scheduler,
+    register_scheduler,
+    run_multi_turn,
+)
 from megarl.rollout.placement import RolloutPlacement, init_ray
 from megarl.rollout.types import EngineHealth, RolloutRequest, SampleResult, SamplingOptions
 from megarl.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
 __all__ = [
+    "ContinueScheduler",
+    "MultiTurnScheduler",
+    "NewTurnScheduler",
+    "Trajectory",
+    "load_scheduler",
+    "register_scheduler",
+    "run_multi_turn",
     "EngineDiedError",
     "EngineGroup",
     "EngineGroupOptions",

@@ -83,10 +83,14 @@ def engine_process_env(config: VLLMEngineConfig, *, cpu: bool) -> dict[str, str]
         "TMPDIR": os.path.join(rt, "tmp"),
         # vLLM imports megarl's worker extension by name, in every worker process.
         "PYTHONPATH": os.pathsep.join(p for p in [repo_root(), os.environ.get("PYTHONPATH", "")] if p),
+        # The engine core runs in the actor's own process (CPU and GPU). Its workers are then this
+        # process (TP 1) or vLLM's Ray workers (TP > 1): all of them are Ray processes that can
+        # resolve the object refs of a weight push, and collective_rpc arguments are passed by
+        # reference or pickled by Ray, never through vLLM's msgpack RPC (which cannot carry them).
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     if cpu:
         env.update(
-            VLLM_ENABLE_V1_MULTIPROCESSING="0",  # engine core in this process: fast start, tensors by reference
             VLLM_CPU_KVCACHE_SPACE=str(max(1, int(config.cpu_kv_cache_gb))),
             TORCH_COMPILE_DISABLE="1",  # else +35-40 s compiling the sampler
         )
