@@ -1,7 +1,27 @@
-"""The training loops. `run(config)` is what `launch/train.py` calls."""
+"""The training loops. `run(config)` is what `launch/train.py` calls.
+
+Two ways to start the same loop:
+- `python launch/train.py ...` (a Ray driver): the training ranks are Ray actors the driver places,
+  on this machine or on the Ray cluster (Slurm recipe);
+- `torchrun --nproc-per-node N launch/train.py ...`: the training ranks are torchrun's processes;
+  rank 0 runs the loop (data, rollout, rewards) and the others follow its calls.
+"""
 
 
 def run(cfg) -> list[dict]:
+    from megarl.trainer.worker_group import follow_rank0, launched_by_torchrun
+
+    if launched_by_torchrun():
+        import torch.distributed as dist
+
+        from megarl.platform.device import apply_device_compat, collective_backend
+
+        apply_device_compat()
+        if not dist.is_initialized():
+            dist.init_process_group(collective_backend())
+        if dist.get_rank() != 0:
+            follow_rank0()
+            return []
     from megarl.trainer.rl_trainer import RLTrainer
 
     trainer = RLTrainer(cfg)

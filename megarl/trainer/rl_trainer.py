@@ -25,7 +25,7 @@ from megarl.trainer.train_worker import MegatronTrainWorker, needs_reference
 
 class RLTrainer:
     def __init__(self, cfg: MegaRLConfig):
-        from megarl.trainer.worker_group import RayWorkerGroup
+        from megarl.trainer.worker_group import RayWorkerGroup, TorchrunWorkerGroup, launched_by_torchrun
         from megarl.utils.ray_runtime import init_ray
 
         self.cfg = cfg
@@ -53,7 +53,9 @@ class RLTrainer:
         cpu = not torch.cuda.is_available()
         self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1)
         total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
-        self.workers = RayWorkerGroup(
+        # Training ranks: Ray actors placed by this driver, or (under torchrun) torchrun's own processes.
+        group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
+        self.workers = group_cls(
             MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates),
             num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1,
         )

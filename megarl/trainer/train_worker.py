@@ -144,14 +144,19 @@ class MegatronTrainWorker:
 
     # ------------------------------------------------------------------ weights
     def attach_rollout(self, engines, transport: str, bucket_mb: float, verify: str = "none") -> None:
+        """Rank 0 sends to `engines`; the other ranks only take part in the export's collectives
+        (under torchrun they hold no Ray handles and get `engines=None`)."""
         from megarl.rollout.weight_sync.pusher import WeightPusher, WeightPushOptions
 
-        self.pusher = WeightPusher(engines, WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify))
+        if self.rank == 0:
+            self.pusher = WeightPusher(engines, WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify))
 
     def push_weights(self) -> dict | None:
-        stats = self.pusher.push(self.actor.export_hf_weights(), is_sender=self.rank == 0)
         if self.rank != 0:
+            for _ in self.actor.export_hf_weights():  # collectives: every rank walks the export
+                pass
             return None
+        stats = self.pusher.push(self.actor.export_hf_weights(), is_sender=True)
         return {"weight_push/seconds": stats.seconds, "weight_push/gbytes": stats.bytes / 1e9,
                 "weight_push/gb_per_s": stats.gb_per_s, "weight_push/buckets": stats.buckets}
 

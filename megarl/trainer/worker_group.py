@@ -95,3 +95,87 @@ class RayWorkerGroup:
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(self.placement_group)
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process torchrun started (it sets TORCHELASTIC_RUN_ID besides RANK/WORLD_SIZE)."""
+    import os
+
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
+class TorchrunWorkerGroup:
+    """The same interface when the training ranks are torchrun's processes: rank 0 runs the loop and
+    calls `call_all`; every other rank sits in `follow_rank0()`, receiving each call over a gloo
+    control group and running it on its own worker, so all ranks enter the same collectives.
+
+    Ray actor handles (rollout engines) never leave rank 0: the other ranks get None in their place.
+    """
+
+    def __init__(self, worker_cls, world_size: int, args=(), kwargs=None, **_ignored):
+        import torch.distributed as dist
+
+        self.world_size = world_size
+        self.control = _control_group()
+        if dist.get_world_size() != world_size:
+            raise ValueError(f"torchrun started {dist.get_world_size()} ranks but the config needs {world_size} "
+                             "training ranks: set --nproc-per-node / --nnodes to match trainer.nnodes × gpus_per_node")
+        self._broadcast(("__construct__", worker_cls, args, kwargs or {}))
+        self.worker = worker_cls(*args, **(kwargs or {}))
+
+    def _broadcast(self, call) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([_strip_actor_handles(call)], src=0, group=self.control)
+
+    def call_all(self, method: str, *args, **kwargs) -> list[Any]:
+        self._broadcast((method, args, kwargs))
+        return [getattr(self.worker, method)(*args, **kwargs)] + [None] * (self.world_size - 1)
+
+    def call_rank0(self, method: str, *args, **kwargs) -> Any:
+        return self.call_all(method, *args, **kwargs)[0]
+
+    def shutdown(self) -> None:
+        self._broadcast(("__stop__", (), {}))
+
+
+def follow_rank0() -> None:
+    """Ranks > 0 under torchrun: construct the worker and run every call rank 0 makes, until stop."""
+    import torch.distributed as dist
+
+    control, worker = _control_group(), None
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        method, *rest = box[0]
+        if method == "__stop__":
+            return
+        if method == "__construct__":
+            worker_cls, args, kwargs = rest
+            worker = worker_cls(*args, **kwargs)
+            continue
+        args, kwargs = rest
+        getattr(worker, method)(*args, **kwargs)
+
+
+_CONTROL = None
+
+
+def _control_group():
+    """A gloo group for the control plane (pickled calls), also when training runs on NCCL."""
+    global _CONTROL
+    if _CONTROL is None:
+        import torch.distributed as dist
+
+        _CONTROL = dist.new_group(backend="gloo")
+    return _CONTROL
+
+
+def _strip_actor_handles(obj):
+    if isinstance(obj, ray.actor.ActorHandle):
+        return None
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_strip_actor_handles(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _strip_actor_handles(v) for k, v in obj.items()}
+    return obj
