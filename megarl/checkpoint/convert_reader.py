@@ -98,10 +98,19 @@ class DistCheckpointReader:
         _check_data_files(self.path, self.metadata.storage_data)
         self.tensors: dict[str, TensorInfo] = {}
         self._storage_md: dict[str, Any] = {}
+        # saved chunks of each key by the leading (layer) index they cover: a slice read then looks at
+        # one layer's chunks, not at all L x E x TP chunks of the key
+        self._chunks_by_layer: dict[str, dict[int, list]] = {}
         for key, md in self.metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata) and _is_model_tensor_key(key):
                 self.tensors[key] = TensorInfo(key, tuple(md.size), md.properties.dtype)
                 self._storage_md[key] = md
+                by_layer: dict[int, list] = {}
+                for chunk in md.chunks:
+                    if len(chunk.offsets):
+                        for layer in range(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]):
+                            by_layer.setdefault(layer, []).append(chunk)
+                self._chunks_by_layer[key] = by_layer
         if not self.tensors:
             raise CheckpointError(f"{self.path} holds no model tensors (keys: {sorted(self.metadata.state_dict_metadata)[:8]} ...)")
 
@@ -118,7 +127,7 @@ class DistCheckpointReader:
         sizes = (1,) * len(index) + info.shape[len(index):]
         target = torch.empty(sizes, dtype=info.dtype)
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        items = create_read_items_for_chunk_list(key, self._storage_md[key], [chunk])
+        items = create_read_items_for_chunk_list(key, self._saved_chunks(key, index), [chunk])
         covered = sum(_numel(item.lengths) for item in items)
         if covered != target.numel():
             raise CheckpointError(
@@ -127,6 +136,15 @@ class DistCheckpointReader:
             )
         self._reader.read_data(LoadPlan(items), _SliceLoadPlanner({key: target})).wait()
         return target.reshape(info.shape[len(index):])
+
+    def _saved_chunks(self, key: str, index: tuple[int, ...]):
+        """The key's storage metadata restricted to the saved chunks that can overlap `key[index]`."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        md = self._storage_md[key]
+        if not index:
+            return md
+        return TensorStorageMetadata(md.properties, md.size, self._chunks_by_layer[key].get(index[0], []))
 
 
 def _numel(lengths) -> int:
