@@ -1,5 +1,5 @@
 """An engine killed mid-rollout: a clear error (on_engine_failure="raise") or a restart and retry
-("restart"), within a bounded time; a restarted engine that missed a weight push is not used until
+("restart"), within a bounded time; a slow engine gives a timeout error; a restarted engine that missed a weight push is not used until
 the next push. Uses its own one-engine group so the shared engine is never killed."""
 
 import threading
@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from megarl.rollout import EngineDiedError, EngineGroup, EngineGroupOptions, RolloutRequest, SamplingOptions, VLLMEngineConfig
+from megarl.rollout import EngineDiedError, EngineGroup, EngineTimeoutError, EngineGroupOptions, RolloutRequest, SamplingOptions, VLLMEngineConfig
 from tests.rollout.reference import checkpoint_state_dict
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -55,5 +55,12 @@ def test_killed_engine_raises_or_restarts_and_retries(ray_cluster, tiny_moe_dir)
             group.generate(REQUESTS, LONG)
         assert group.push_weights(iter(checkpoint_state_dict(tiny_moe_dir).items())).weights_version == 1
         assert [s.token_ids for s in group.generate(REQUESTS[:1], SHORT)[0]] == [s.token_ids for s in reference]
+
+        # An engine that does not answer in time: EngineTimeoutError after generate_timeout_s.
+        group.options = replace(options, generate_timeout_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(EngineTimeoutError, match=r"engines \[0\] did not finish generate within 1 s"):
+            group.generate(REQUESTS, LONG)
+        assert time.monotonic() - start < 10
     finally:
         group.shutdown()
