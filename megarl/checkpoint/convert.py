@@ -216,6 +216,15 @@ def _write_config(config_dir: str, out_dir: str, dtype: torch.dtype | None, save
             shutil.copy2(source, os.path.join(out_dir, side_file))
 
 
+def _owning_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, contiguous and sole owner of its storage: mbridge's gate/up and q/k/v
+    splits return views of one storage, which safetensors refuses to save as separate tensors."""
+    owns_storage = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if tensor.dtype == dtype and owns_storage:
+        return tensor
+    return torch.empty(tensor.shape, dtype=dtype).copy_(tensor)
+
+
 def mcore_to_hf(checkpoint: str, out_dir: str, options: McoreToHfOptions | None = None) -> ConversionResult:
     """Convert a megarl/megatron checkpoint (any TP/PP/EP/ETP/CP/VPP layout) to an HF folder."""
     options = options or McoreToHfOptions()
@@ -230,9 +239,7 @@ def mcore_to_hf(checkpoint: str, out_dir: str, options: McoreToHfOptions | None 
     saved_dtypes = set()
     for name, tensor in iter_hf_tensors(source, options.progress):
         saved_dtypes.add(tensor.dtype)
-        # A fresh contiguous tensor: mbridge's gate/up split returns views of one storage, which
-        # safetensors refuses to save as two tensors.
-        writer.add(name, torch.empty(tensor.shape, dtype=dtype or tensor.dtype).copy_(tensor))
+        writer.add(name, _owning_tensor(tensor, dtype or tensor.dtype))
         count += 1
     files = writer.close()
     _write_config(source.hf_config_dir, out_dir, dtype, saved_dtypes.pop() if len(saved_dtypes) == 1 else torch.float32)
