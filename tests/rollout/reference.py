@@ -36,21 +36,21 @@ def checkpoint_state_dict(model_dir: str) -> dict:
 
 
 def hf_model_with(model_dir: str, state_dict: dict):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    # transformers 5 keeps experts fused in memory; load through the on-disk (hub) names instead.
+    """An HF model of `model_dir`'s architecture holding `state_dict` (on-disk names). transformers 5
+    keeps experts fused in memory, so the weights go through a checkpoint file, not load_state_dict."""
     import os
     import shutil
     import tempfile
 
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
     tmp = tempfile.mkdtemp(dir=os.environ.get("TMPDIR"))
-    for f in os.listdir(model_dir):
-        if f != "model.safetensors":
-            shutil.copy(os.path.join(model_dir, f), tmp)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    shutil.rmtree(tmp)
-    return model
+    try:
+        for f in os.listdir(model_dir):
+            if f != "model.safetensors":
+                shutil.copy(os.path.join(model_dir, f), tmp)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, "model.safetensors"))
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    finally:
+        shutil.rmtree(tmp)
