@@ -265,6 +265,7 @@ class MicroBatch:
     tokens: torch.Tensor
     positions: torch.Tensor
     labels: torch.Tensor  # next-token targets in the layout of `tokens` (0 where there is none)
+    padding: torch.Tensor  # bool, layout of `tokens`: True where no real token is (MoE router losses skip it)
     cu_seqlens: torch.Tensor | None  # [b + 1] int32, packed only (padded boundaries)
     row_lengths: list[int]  # layout length of each row (padded) or sequence (packed)
     source_index: torch.Tensor  # [b, max_len] flat layout position whose next-token value is token t's
@@ -285,8 +286,10 @@ class MicroBatch:
             total = starts[-1]
             tokens = torch.full((1, total), PAD_TOKEN_ID, dtype=torch.long)
             positions = torch.zeros(1, total, dtype=torch.long)
+            padding = torch.ones(1, total, dtype=torch.bool)
             for i, n in enumerate(lengths):
                 tokens[0, starts[i] : starts[i] + n] = seqs.input_ids[i, :n]
+                padding[0, starts[i] : starts[i] + n] = False
                 positions[0, starts[i] : starts[i + 1]] = torch.arange(row_lengths[i])
             row_start = torch.tensor(starts[:-1])
             cu_seqlens = torch.tensor(starts, dtype=torch.int32)
@@ -296,6 +299,7 @@ class MicroBatch:
             tokens = torch.full((b, padded_width), PAD_TOKEN_ID, dtype=torch.long)
             tokens[:, :width] = seqs.input_ids
             positions = torch.arange(padded_width).expand(b, -1).contiguous()
+            padding = positions >= seqs.lengths[:, None]
             row_start = torch.arange(b) * padded_width
             cu_seqlens = None
         # value for token t comes from the logits at position t-1 of the same sequence
@@ -304,7 +308,7 @@ class MicroBatch:
         flat_labels[source_index[valid]] = seqs.input_ids[valid]
         return cls(
             indices=list(indices), sequences=seqs, packed=packed, tokens=tokens, positions=positions,
-            labels=flat_labels.view_as(tokens), cu_seqlens=cu_seqlens, row_lengths=row_lengths,
+            labels=flat_labels.view_as(tokens), padding=padding, cu_seqlens=cu_seqlens, row_lengths=row_lengths,
             source_index=source_index, source_valid=valid,
         )
 
@@ -318,13 +322,14 @@ class MicroBatch:
         return context_parallel_index(lengths, cp_size, cp_rank)
 
     def model_inputs(self, cp_size: int = 1, cp_rank: int = 0, device=None) -> dict:
-        """CP-local `input_ids`, `position_ids`, `labels` (`[b, s_local]`) and, when packed, the
-        THD `packed_seq_params` fields (`cu_seqlens`, `max_seqlen`) over the full sequences."""
+        """CP-local `input_ids`, `position_ids`, `labels`, `padding_mask` (`[b, s_local]`) and, when
+        packed, the THD `packed_seq_params` fields (`cu_seqlens`, `max_seqlen`) over the full sequences."""
         idx = self.cp_index(cp_size, cp_rank)
         out = {
             "input_ids": self.tokens[:, idx].to(device).contiguous(),
             "position_ids": self.positions[:, idx].to(device).contiguous(),
             "labels": self.labels[:, idx].to(device).contiguous(),
+            "padding_mask": self.padding[:, idx].to(device).contiguous(),
         }
         if self.packed:
             out["cu_seqlens"] = self.cu_seqlens.to(device)

@@ -20,7 +20,7 @@ the grad finaliser is called without a token count so nothing divides afterwards
 
 from __future__ import annotations
 
-import warnings
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -118,14 +118,7 @@ class MegatronEngine:
                 "average gradients over DP; build with wrap_with_ddp=False and let the engine wrap them"
             )
         self.config.calculate_per_token_loss = True
-        if self.config.moe_router_load_balancing_type not in (None, "none") and self.config.moe_aux_loss_coeff:
-            # With calculate_per_token_loss megatron scales the router's aux-loss gradient by 1 per
-            # micro-batch, so it is summed over micro-batches and DP ranks, not averaged.
-            warnings.warn(
-                f"MoE aux loss ({self.config.moe_router_load_balancing_type}, coeff "
-                f"{self.config.moe_aux_loss_coeff}) is summed over micro-batches and DP ranks by the "
-                "engine's gradient contract; divide the coefficient by their number to get megatron's mean"
-            )
+        self._routers_without_token_scaling()
         if not already_wrapped:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
@@ -147,6 +140,38 @@ class MegatronEngine:
         self.config.finalize_model_grads_func = finalize_without_token_scaling
         no_sync = [chunk.no_sync for chunk in self.handle.chunks]
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+
+    def _routers_without_token_scaling(self):
+        """MoE routers built with calculate_per_token_loss=True multiply their aux/z losses by the
+        local token count, expecting finalize_model_grads to divide every gradient by the global
+        count. The engine never divides (the loss is globally normalised already), so the routers
+        must not multiply; `_router_losses_averaged` gives them megatron's usual scale instead."""
+        from megatron.core.transformer.moe.router import Router
+
+        for chunk in self.handle.chunks:
+            for module in chunk.modules():
+                if isinstance(module, Router):
+                    module.calculate_per_token_loss = False
+
+    @contextlib.contextmanager
+    def _router_losses_averaged(self, num_micro_batches: int, dp_size: int):
+        """MoE aux and z losses (added inside the router, outside loss_fn) get the gradient scale
+        megatron gives them by default: the mean over micro-batches and DP ranks. Under
+        calculate_per_token_loss megatron scales them by 1 per micro-batch and DDP sums over DP,
+        so the coefficients (read by the routers at every forward) are divided for the step."""
+        factor = 1.0 / (num_micro_batches * dp_size)
+
+        def scaled(coeff):
+            if coeff is None:
+                return None
+            return [c * factor for c in coeff] if isinstance(coeff, (list, tuple)) else coeff * factor
+
+        saved = self.config.moe_aux_loss_coeff, self.config.moe_z_loss_coeff
+        self.config.moe_aux_loss_coeff, self.config.moe_z_loss_coeff = (scaled(c) for c in saved)
+        try:
+            yield
+        finally:
+            self.config.moe_aux_loss_coeff, self.config.moe_z_loss_coeff = saved
 
     # ------------------------------------------------------------------ planning
 
@@ -256,7 +281,8 @@ class MegatronEngine:
 
             return output, loss_func
 
-        outputs = run_schedule(self.handle.chunks, micro_batches, forward_step, forward_only=False, pos=pos)
+        with self._router_losses_averaged(len(micro_batches), pos.dp_size):
+            outputs = run_schedule(self.handle.chunks, micro_batches, forward_step, forward_only=False, pos=pos)
         lr = current_lr(self.optimizer)  # the rate this update uses; the scheduler then advances
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:

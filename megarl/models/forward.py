@@ -66,10 +66,12 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
 
 def model_forward(model, inputs: dict) -> torch.Tensor:
     """One chunk's forward on CP-local inputs: logits `[rows, s_local, vocab/tp]` on the last stage,
-    hidden states to send on other stages."""
+    hidden states to send on other stages. `padding_mask` keeps padding out of MoE router losses
+    (aux / z loss); it does not change the logits of real tokens."""
     psp = packed_seq_params(inputs["cu_seqlens"], inputs["max_seqlen"]) if "cu_seqlens" in inputs else None
     return model(
-        inputs["input_ids"], inputs["position_ids"], None, labels=None, packed_seq_params=psp
+        inputs["input_ids"], inputs["position_ids"], None, labels=None, packed_seq_params=psp,
+        padding_mask=inputs["padding_mask"],
     )
 
 

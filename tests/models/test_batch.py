@@ -90,6 +90,8 @@ def test_micro_batch_labels_and_alignment(packed):
     back = mb.aligned(mb.labels.float())
     expected = mb.sequences.input_ids.float() * (torch.arange(5)[None, :] >= 1) * mb.sequences.token_mask()
     assert torch.equal(back, expected)
+    assert mb.padding.sum().item() == mb.tokens.numel() - batch.select([1, 2, 0]).num_tokens
+    assert not mb.padding.view(-1)[mb.source_index[mb.source_valid]].any()
     # CP pieces cover the layout exactly once
     idx = torch.cat([mb.cp_index(2, r) for r in range(2)])
     assert sorted(idx.tolist()) == list(range(mb.tokens.size(1)))

@@ -213,9 +213,43 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> 
             }
             del engine, handle
         reset_model_parallel()
+        results["_router_losses"] = router_loss_grad_norms(model_dirs["2l"])
     buffer = io.BytesIO()
     torch.save(results, buffer)
     return buffer.getvalue()
+
+
+ROUTER_LOSSES = {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 1.0, "moe_z_loss_coeff": 0.1}
+
+
+def router_loss_grad_norms(hf_dir: str) -> dict:
+    """Grad norms of one step with large MoE aux and z losses on copies of the same two sequences:
+    PP2 (DP1) with [A, B] in one micro-batch, DP2 with [A, B] x 2 (one micro-batch per rank) and
+    DP2 with [A, B] x 4 (two per rank). The main loss is globally normalised, so all three are equal
+    exactly when the router losses are averaged over micro-batches and DP ranks (megatron's scale).
+    (Not TP: under sequence parallelism megatron's z-loss averages per TP rank, which is exact only
+    when the ranks hold equally many real tokens.)"""
+    from megarl.distributed import ParallelLayout
+    from megarl.distributed.init import init_distributed, reset_model_parallel
+    from megarl.models.builder import build_megatron_model
+    from megarl.models.engine import EngineOptions, MegatronEngine, MicroBatchOptions
+    from megarl.models.optimizer import OptimizerOptions
+
+    pair = make_batch().select([1, 4])
+    norms = {}
+    for name, layout, copies in (("pp2_x1", ParallelLayout(pp=2), 1), ("dp2_x2", ParallelLayout(), 2), ("dp2_x4", ParallelLayout(), 4)):
+        init_distributed(layout)
+        engine = MegatronEngine(
+            build_megatron_model(hf_dir, layout, config_overrides=ROUTER_LOSSES),
+            EngineOptions(micro_batches=MicroBatchOptions(micro_batch_size=2, packed=False), optimizer=OptimizerOptions(lr=LR)),
+        )
+        batch = pair.select([0, 1] * copies)
+        num_tokens = float(batch.num_tokens)
+        step = engine.train_step(batch, lambda lp, ent, mb: (-lp.sum() / num_tokens, {}))
+        norms[name] = (step.grad_norm, step.num_micro_batches)
+        del engine
+        reset_model_parallel()
+    return norms
 
 
 def load_results(per_rank: list[bytes]) -> list[dict]:
@@ -289,6 +323,11 @@ def test_layouts_world2_match_hf(model_dirs, hf_reference):
     print(f"bf16 distopt offload vs plain: weights {diff:.2e} losses {plain['losses']} {offloaded['losses']}")
     assert plain["offloaded"] == 0.0 and 0.5 <= offloaded["offloaded"] < 0.85
     assert diff <= 1e-6 and offloaded["losses"] == pytest.approx(plain["losses"], abs=1e-6)
+    norms = per_rank[0]["_router_losses"]
+    print(f"grad norms with MoE aux + z losses: {norms}")
+    assert [n[1] for n in norms.values()] == [1, 1, 2]
+    reference = norms["pp2_x1"][0]
+    assert all(abs(n[0] - reference) <= 1e-5 * reference for n in norms.values()), norms
 
 
 @pytest.mark.slow
