@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from megarl.utils.ray_runtime import RAY_NAMESPACE, init_ray  # noqa: F401  (init_ray is re-exported)
+
 
 @dataclass(frozen=True)
 class EngineSlot:
@@ -125,30 +127,4 @@ def actor_options(slot: EngineSlot, *, use_gpu: bool, tensor_parallel_size: int,
     )
 
 
-RAY_NAMESPACE = "megarl"
 
-
-def init_ray(num_cpus: int | None = None, address: str | None = None, object_store_gb: float | None = None) -> None:
-    """Start (or join, with `address`) Ray with everything inside the work tree; idempotent.
-    Everything runs in the "megarl" namespace so named engine actors can be found by other drivers
-    (training ranks join with `init_ray(address=gcs_address)`)."""
-    import ray
-
-    from megarl.rollout.vllm_engine import repo_root, runtime_dir
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
-        return
-    temp = os.path.join(runtime_dir(), "ray")
-    os.makedirs(temp, exist_ok=True)
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        namespace=RAY_NAMESPACE,
-        _temp_dir=temp,
-        object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None,
-        log_to_driver=os.environ.get("MEGARL_RAY_LOG_TO_DRIVER", "0") == "1",
-        runtime_env={"env_vars": {"PYTHONPATH": repo_root()}},
-    )

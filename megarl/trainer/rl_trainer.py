@@ -49,7 +49,7 @@ class RLTrainer:
             k = cfg.algorithm.kl_ctrl
             self.kl_controller = KLRewardOptions(k.type, k.kl_coef, k.target_kl, k.horizon).make_controller()
 
-        init_ray(min_cpus=4)
+        init_ray()
         cpu = not torch.cuda.is_available()
         self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1)
         total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
@@ -66,13 +66,14 @@ class RLTrainer:
         self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(cfg.trainer.logger),
                                     jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
         self.step = 0
+        self.resumed_from = resume_from
         if resume_from:
             self._load(resume_from)
 
     # ---------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         history = []
-        if self.step > 0:  # the engines started from the HF folder: give them the checkpoint's weights
+        if self.resumed_from:  # the engines started from the HF folder: give them the checkpoint's weights
             self.workers.call_all("push_weights")
         while self.step < self.total_steps:
             metrics = self.train_step()
@@ -90,14 +91,10 @@ class RLTrainer:
 
     def train_step(self) -> dict:
         cfg, timer = self.cfg, PhaseTimer()
-        prompts = next(self.loader).samples
-        with timer.phase("generate"):
-            results = self.rollout.generate(self._requests(prompts, self.sampling), self.sampling)
+        prompts, results, scores, reward_metrics = self._generate_and_score(timer)
         samples = [s for per_prompt in results for s in per_prompt]
         uids = [f"{self.step}/{i}" for i, per_prompt in enumerate(results) for _ in per_prompt]
-        with timer.phase("reward"):
-            reward = self._score(prompts, results)
-        rollout = build_rollout_batch(samples, reward.scores, uids)
+        rollout = build_rollout_batch(samples, scores, uids)
         batch = rollout.sequences
         mini_batches = mini_batch_indices(len(rollout), cfg.actor.ppo_mini_batch_size * cfg.rollout.n)
 
@@ -113,18 +110,58 @@ class RLTrainer:
         with timer.phase("weight_push"):
             push = self.workers.call_rank0("push_weights")
 
-        metrics = {**reward.metrics, **adv_metrics, **push, **_mean_of(updates)}
+        metrics = {**reward_metrics, **adv_metrics, **push, **_mean_of(updates)}
         metrics.update(self._rollout_metrics(rollout, batch))
         metrics.update(timer.metrics())
         metrics["perf/tokens_per_s"] = batch.num_tokens / max(metrics["timing_s/step"], 1e-9)
         return metrics
 
     # ---------------------------------------------------------------------------------- parts
-    def _requests(self, prompts, sampling):
+    def _generate_and_score(self, timer):
+        """One batch of prompts with their samples and rewards. With DAPO dynamic sampling, prompt
+        groups whose samples all score the same (no advantage, no gradient) are dropped and more
+        batches are generated until `train_batch_size` prompts remain."""
+        ds, want = self.cfg.algorithm.dynamic_sampling, self.cfg.data.train_batch_size
+        prompts, results, scores, details, totals = [], [], [], [], {"reward/errors": 0.0, "reward/timeouts": 0.0}
+        generated = dropped = 0
+        while len(prompts) < want:
+            if ds.enable and ds.max_num_gen_batches and generated >= ds.max_num_gen_batches:
+                raise RuntimeError(
+                    f"dynamic sampling: {generated} generated batches left only {len(prompts)} of {want} prompts "
+                    "with differing rewards; raise algorithm.dynamic_sampling.max_num_gen_batches or disable it")
+            batch = next(self.loader).samples
+            with timer.phase("generate"):
+                out = self.rollout.generate(self._requests(batch, self.sampling, generated), self.sampling)
+            with timer.phase("reward"):
+                reward = self._score(batch, out)
+            generated += 1
+            for key in totals:
+                totals[key] += reward.metrics.get(key, 0.0)
+            n = self.cfg.rollout.n
+            for i, (prompt, samples) in enumerate(zip(batch, out)):
+                group = reward.scores[i * n:(i + 1) * n]
+                signal = [d.get(ds.metric, s) for d, s in zip(reward.details[i * n:(i + 1) * n], group)]
+                if ds.enable and max(signal) == min(signal):
+                    dropped += 1
+                    continue
+                prompts.append(prompt)
+                results.append(samples)
+                scores.extend(group)
+                details.extend(reward.details[i * n:(i + 1) * n])
+        prompts, results = prompts[:want], results[:want]
+        scores, details = scores[: want * self.cfg.rollout.n], details[: want * self.cfg.rollout.n]
+        metrics = {**summarize("reward/score", scores), **totals}
+        for key in sorted({k for d in details for k in d}):
+            metrics[f"reward/{key}/mean"] = sum(d.get(key, 0.0) for d in details) / len(details)
+        if ds.enable:
+            metrics.update({"dynamic_sampling/num_gen_batches": generated, "dynamic_sampling/dropped_groups": dropped})
+        return prompts, results, scores, metrics
+
+    def _requests(self, prompts, sampling, attempt: int = 0):
         from megarl.rollout import RolloutRequest
 
         # One seed per (run seed, step, prompt): a resumed run samples exactly what the original did.
-        base = self.cfg.trainer.seed * 1_000_003 + self.step * 10_007
+        base = self.cfg.trainer.seed * 1_000_003 + self.step * 10_007 + attempt * 1_009
         return [
             RolloutRequest(prompt_token_ids=p.prompt_ids, messages=p.messages,
                            sampling=sampling.with_(seed=(base + i) % 2**31) if sampling.temperature > 0 else None)
@@ -200,9 +237,13 @@ class RLTrainer:
         return self.store.commit(pending, state)
 
     def _load(self, path: str) -> None:
+        """A training checkpoint continues exactly; a model-only one (e.g. `megarl-convert hf-to-mcore`)
+        starts a fresh optimizer and data stream from its weights."""
         state = read_trainer_state(path)
-        self.workers.call_all("load_checkpoint", path)
-        self.loader.load_state_dict(state["loader"])
+        model_only = bool(state.get("model_only"))
+        self.workers.call_all("load_checkpoint", path, not model_only)
+        if "loader" in state:
+            self.loader.load_state_dict(state["loader"])
         if self.kl_controller is not None and "kl_coef" in state:
             self.kl_controller.value = state["kl_coef"]
         self.step = int(state["step"])

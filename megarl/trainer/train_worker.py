@@ -174,10 +174,11 @@ class MegatronTrainWorker:
         save_rng_state(checkpoint_root, self.rank)
         dist.barrier()
 
-    def load_checkpoint(self, checkpoint_root: str) -> None:
+    def load_checkpoint(self, checkpoint_root: str, load_optimizer: bool = True) -> None:
         from megarl.checkpoint.megatron_state import load_megatron_state, load_rng_state
         from megarl.checkpoint.store import MEGATRON_SUBDIR
 
-        load_megatron_state(self.actor, os.path.join(checkpoint_root, MEGATRON_SUBDIR))
-        load_rng_state(checkpoint_root, self.rank)
+        load_megatron_state(self.actor, os.path.join(checkpoint_root, MEGATRON_SUBDIR), load_optimizer=load_optimizer)
+        if load_optimizer:
+            load_rng_state(checkpoint_root, self.rank)
         dist.barrier()

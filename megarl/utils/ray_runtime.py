@@ -21,7 +21,7 @@ FORWARDED_ENV = (
 
 def forwarded_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo_root = _repo_root()
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if repo_root not in paths:
         env["PYTHONPATH"] = os.pathsep.join([repo_root, *paths])
@@ -29,21 +29,35 @@ def forwarded_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def init_ray(min_cpus: int = 4, address: str | None = None, extra_env: dict[str, str] | None = None):
-    """Start or join Ray once per process; later calls return immediately."""
+RAY_NAMESPACE = "megarl"  # named actors (rollout engines) are found by every driver and rank in it
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None, object_store_gb: float | None = None,
+             extra_env: dict[str, str] | None = None) -> None:
+    """Start or join Ray once per process; later calls return immediately.
+
+    `address` (or RAY_ADDRESS) joins a running cluster. Otherwise a local Ray starts with its temp
+    files under the work tree and `num_cpus` logical CPUs (default: max(4, cores)).
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(runtime_env={"env_vars": forwarded_env(extra_env)}, include_dashboard=False,
-                  log_to_driver=True, ignore_reinit_error=True)
+    common = dict(namespace=RAY_NAMESPACE, runtime_env={"env_vars": forwarded_env(extra_env)},
+                  log_to_driver=os.environ.get("MEGARL_RAY_LOG_TO_DRIVER", "0") == "1")
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **common)
         return
-    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ray")
-    os.makedirs(tmp, exist_ok=True)
-    # Ray's socket paths must stay under ~107 bytes: keep the temp dir short if the tree is deep.
-    if len(tmp) > 60:
-        tmp = "/tmp/megarl_ray"
-    ray.init(num_cpus=max(min_cpus, os.cpu_count() or 1), _temp_dir=tmp, **kwargs)
+    runtime = os.environ.get("MEGARL_RUNTIME_DIR", os.path.join(_repo_root(), ".runtime"))
+    temp = os.path.join(runtime, "ray")
+    # Ray's socket paths must stay under ~107 bytes: fall back to a short folder in a deep tree.
+    if len(temp) > 60:
+        temp = "/tmp/megarl_ray"
+    os.makedirs(temp, exist_ok=True)
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
+             object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None, **common)
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -127,10 +127,11 @@ def test_overlong_rejects_bad_buffer():
 @pytest.mark.parametrize("solution, kwargs, expected", [
     ("8", {}, {"score": 1.0, "acc": 1.0}),
     ("8 is the answer, not 9", {}, {"score": 1.0, "acc": 1.0}),
-    ("9 or maybe 8", {}, {"score": 0.45, "acc": 0.0}),               # first number 9: 0.5 * (1 - 1/10)
+    ("9 or maybe 8", {}, {"score": 0.25, "acc": 0.0}),               # first number 9: 0.5 * (1 - 1/2)
     ("9 or maybe 8", {"near_miss_credit": 0.0}, {"score": 0.0, "acc": 0.0}),
     ("9 or maybe 8", {"which": "last"}, {"score": 1.0, "acc": 1.0}),
-    ("6", {}, {"score": 0.4, "acc": 0.0}),                          # 0.5 * (1 - 2/10)
+    ("7", {}, {"score": 0.25, "acc": 0.0}),                         # 0.5 * (1 - 1/2)
+    ("6", {}, {"score": 0.0, "acc": 0.0}),                          # 0.5 * max(0, 1 - 2/2)
     ("6", {"near_miss_credit": 1.0, "near_miss_range": 4}, {"score": 0.5, "acc": 0.0}),
     ("30", {}, {"score": 0.0, "acc": 0.0}),                         # too far for credit
     ("no digits", {}, {"score": 0.0, "acc": 0.0}),

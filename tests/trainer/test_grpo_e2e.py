@@ -1,0 +1,102 @@
+"""End to end on the real stack (Megatron ranks as Ray actors, a vLLM CPU engine, Ray): the trainer
+run as users run it (`launch/train.py` in its own process), checked on what it writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megarl.trainer.metrics import read_tensorboard_scalars
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Every scalar the trainer issue lists, under the names it logs them as.
+EXPECTED_SCALARS = [
+    "reward/score/mean", "reward/score/std", "reward/score/min", "reward/score/max",
+    "response_length/mean", "response_length/max", "response_length/clip_ratio",
+    "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/kl_loss", "actor/entropy", "actor/grad_norm",
+    "actor/lr", "timing_s/generate", "timing_s/reward", "timing_s/old_logprob", "timing_s/ref_logprob",
+    "timing_s/advantage", "timing_s/update", "timing_s/weight_push", "timing_s/save", "perf/tokens_per_s",
+    "rollout/logprob_abs_diff_mean", "rollout/kl_k3", "val/reward/mean", "dynamic_sampling/num_gen_batches",
+]
+COMPARED = ["reward/score/mean", "actor/pg_loss", "actor/loss", "actor/kl_loss", "actor/grad_norm", "response_length/mean"]
+
+
+@pytest.fixture(scope="module")
+def task(tiny_moe_dir, tmp_path_factory):
+    from megarl.data.records import write_records
+    from megarl.data.synthetic import arith_records
+
+    root = tmp_path_factory.mktemp("grpo_task")
+    write_records(arith_records(256, seed=0), str(root / "train.parquet"))
+    write_records(arith_records(8, seed=1, split="test"), str(root / "val.parquet"))
+    return tiny_moe_dir, str(root / "train.parquet"), str(root / "val.parquet")
+
+
+def _launch(task, out_dir, *extra):
+    model, train, val = task
+    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config", os.path.join(REPO, "configs", "tiny_moe_grpo_cpu.yaml"),
+           f"--model.path={model}", f"--data.train_files=[{train}]", f"--data.val_files=[{val}]",
+           f"--trainer.output_dir={out_dir}", "--trainer.total_steps=4", "--trainer.save_freq=2",
+           "--trainer.test_freq=2", "--data.train_batch_size=4", "--actor.ppo_mini_batch_size=2",
+           "--rollout.max_new_tokens=16", "--algorithm.dynamic_sampling.enable=true", *extra]
+    log = open(os.path.join(os.path.dirname(out_dir), os.path.basename(out_dir) + ".log"), "w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _metrics(out_dir):
+    rows = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["step"]] = row  # a resumed run re-logs steps after its checkpoint: keep the newest
+    return rows
+
+
+def _log_tail(out_dir):
+    with open(out_dir + ".log") as f:
+        return f.read()[-4000:]
+
+
+def test_kill_and_resume_continues_exactly_and_logs_every_scalar(task, tmp_path):
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert _wait(_launch(task, straight), 900) == 0, _log_tail(straight)
+
+    proc = _launch(task, killed)
+    latest = os.path.join(killed, "checkpoints", "latest")
+    deadline = time.monotonic() + 900
+    while not (os.path.exists(latest) and open(latest).read().strip() == "step_00000002"):
+        assert proc.poll() is None, _log_tail(killed)
+        assert time.monotonic() < deadline, "no step-2 checkpoint within 15 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray actors' parent, everything in its session
+    proc.wait()
+    assert _wait(_launch(task, killed, "--trainer.resume=auto"), 900) == 0, _log_tail(killed)
+    assert "resumed from" in _log_tail(killed)
+
+    a, b = _metrics(straight), _metrics(killed)
+    assert sorted(a) == [1, 2, 3, 4] and {3, 4} <= set(b)
+    for step in (3, 4):
+        for key in COMPARED:
+            print(f"step {step} {key}: straight {a[step][key]:.8f} resumed {b[step][key]:.8f}")
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-6), (step, key)
+
+    scalars = read_tensorboard_scalars(os.path.join(straight, "tensorboard"))
+    missing = [k for k in EXPECTED_SCALARS if k not in scalars]
+    assert not missing, f"TensorBoard lacks {missing}"
+    assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2, 3, 4]
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["latest", "step_00000002", "step_00000004"]
