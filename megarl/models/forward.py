@@ -71,8 +71,23 @@ def model_forward(model, inputs: dict) -> torch.Tensor:
     psp = packed_seq_params(inputs["cu_seqlens"], inputs["max_seqlen"]) if "cu_seqlens" in inputs else None
     return model(
         inputs["input_ids"], inputs["position_ids"], None, labels=None, packed_seq_params=psp,
-        padding_mask=inputs["padding_mask"],
+        padding_mask=_padding_mask_for_stage(model, inputs["padding_mask"]),
     )
+
+
+def _padding_mask_for_stage(model, padding_mask: torch.Tensor) -> torch.Tensor:
+    """megatron (0.16.1) splits the padding mask along the sequence for sequence parallelism only
+    on the first pipeline stage; later stages would get the full mask against TP-split hidden
+    states (a shape error in the router's z-loss). Split it here for them the same way."""
+    from megatron.core import tensor_parallel
+
+    from megarl.models.bridge import unwrap_chunk
+
+    inner = unwrap_chunk(model)
+    if inner.pre_process or not inner.config.sequence_parallel:
+        return padding_mask
+    split = tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
+    return split.transpose(0, 1).contiguous()
 
 
 # Far below any real logit, yet finite: exp() underflows to 0 and 0 * (-1e30) stays 0 in entropy.

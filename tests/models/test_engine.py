@@ -148,7 +148,7 @@ def hf_reference_for(tiny_moe_dir, tmp_path_factory):
 # Ranks: every layout of one world size in one launch.
 
 
-def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> bytes:
+def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False, router_runs=None) -> bytes:
     """Per-layout results, torch.save'd: tensors sent through the rank queue as they are would be
     shared-memory handles that die with the rank process. `extra_checks` adds, at TP1/DP2: the
     learning rates of 5 steps with warmup + cosine decay ("_schedule"), and two bf16 steps with the
@@ -214,6 +214,9 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> 
             del engine, handle
         reset_model_parallel()
         results["_router_losses"] = router_loss_grad_norms(model_dirs["2l"])
+    if router_runs:
+        aux_only = {**ROUTER_LOSSES, "moe_z_loss_coeff": None}
+        results["_router_losses"] = router_loss_grad_norms(model_dirs["2l"], router_runs, aux_only)
     buffer = io.BytesIO()
     torch.save(results, buffer)
     return buffer.getvalue()
@@ -222,7 +225,7 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False) -> 
 ROUTER_LOSSES = {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 1.0, "moe_z_loss_coeff": 0.1}
 
 
-def router_loss_grad_norms(hf_dir: str) -> dict:
+def router_loss_grad_norms(hf_dir: str, runs=None, overrides=ROUTER_LOSSES) -> dict:
     """Grad norms of one step with large MoE aux and z losses on copies of the same two sequences:
     PP2 (DP1) with [A, B] in one micro-batch, DP2 with [A, B] x 2 (one micro-batch per rank) and
     DP2 with [A, B] x 4 (two per rank). The main loss is globally normalised, so all three are equal
@@ -237,10 +240,12 @@ def router_loss_grad_norms(hf_dir: str) -> dict:
 
     pair = make_batch().select([1, 4])
     norms = {}
-    for name, layout, copies in (("pp2_x1", ParallelLayout(pp=2), 1), ("dp2_x2", ParallelLayout(), 2), ("dp2_x4", ParallelLayout(), 4)):
+    runs = runs or (("pp2_x1", {"pp": 2}, 1), ("dp2_x2", {}, 2), ("dp2_x4", {}, 4))
+    for name, layout_kwargs, copies in runs:
+        layout = ParallelLayout(**layout_kwargs)
         init_distributed(layout)
         engine = MegatronEngine(
-            build_megatron_model(hf_dir, layout, config_overrides=ROUTER_LOSSES),
+            build_megatron_model(hf_dir, layout, config_overrides=overrides),
             EngineOptions(micro_batches=MicroBatchOptions(micro_batch_size=2, packed=False), optimizer=OptimizerOptions(lr=LR)),
         )
         batch = pair.select([0, 1] * copies)
@@ -333,5 +338,11 @@ def test_layouts_world2_match_hf(model_dirs, hf_reference):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_layouts_world4_match_hf(model_dirs, hf_reference):
-    per_rank = load_results(run_on_ranks(run_layouts, 4, args=(model_dirs, LAYOUTS_WORLD4), timeout=360))
+    # aux loss with TP + SP + PP: the padding mask reaches the second stage split like the hidden
+    # states; [A, B] x 2 is one micro-batch per DP rank at PP2 and two micro-batches at TP2 x PP2.
+    router_runs = (("pp2_dp2", {"pp": 2}, 2), ("tp2_pp2", {"tp": 2, "pp": 2}, 2))
+    per_rank = load_results(run_on_ranks(run_layouts, 4, args=(model_dirs, LAYOUTS_WORLD4, False, router_runs), timeout=360))
     check_layouts(per_rank, hf_reference, LAYOUTS_WORLD4)
+    norms = per_rank[0]["_router_losses"]
+    print(f"grad norms with MoE aux loss: {norms}")
+    assert abs(norms["tp2_pp2"][0] - norms["pp2_dp2"][0]) <= 1e-5 * norms["pp2_dp2"][0], norms
