@@ -15,7 +15,9 @@ batch), so the gradient of the step is the plain sum over micro-batches and DP r
 otherwise average: the pipeline schedule divides a loss by the number of micro-batches (and
 multiplies it by CP), and DDP scales gradients by 1/DP. Setting `calculate_per_token_loss=True` on
 the model config turns all of that off (DDP scale 1, no schedule scaling for a 3-tuple loss), and
-the grad finaliser is called without a token count so nothing divides afterwards.
+the grad finaliser is called without a token count so nothing divides afterwards. MoE router losses
+(aux / z loss, added inside the model) keep megatron's usual scale, the mean over micro-batches and
+DP ranks, and ignore padding tokens.
 """
 
 from __future__ import annotations
