@@ -20,7 +20,7 @@ sys.path.insert(0, REPO)
 CONFIG = os.path.join(REPO, "configs", "tiny_moe_grpo_cpu.yaml")
 
 
-def prepare(run_dir: str) -> tuple[str, str, str]:
+def prepare(run_dir: str, init_std: float) -> tuple[str, str, str]:
     """Tiny model and synthetic data under run_dir (kept between runs)."""
     from megarl.data.synthetic import arith_records
     from megarl.data.records import write_records
@@ -28,7 +28,7 @@ def prepare(run_dir: str) -> tuple[str, str, str]:
 
     model_dir = os.path.join(run_dir, "models", "qwen3_moe")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        write_tiny_model(model_dir, TinyModelSpec(arch="qwen3_moe"))
+        write_tiny_model(model_dir, TinyModelSpec(arch="qwen3_moe", init_std=init_std))
     train = os.path.join(run_dir, "data", "train.parquet")
     val = os.path.join(run_dir, "data", "val.parquet")
     if not os.path.exists(train):
@@ -52,9 +52,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=os.path.join(REPO, "runs", "tiny_moe_grpo_cpu"))
     parser.add_argument("--steps", type=int, default=None, help="override trainer.total_steps")
+    parser.add_argument("--init-std", type=float, default=0.02,
+                        help="std of the random initial weights (a smooth start the policy can learn from)")
     args, overrides = parser.parse_known_args(argv)
     run_dir = os.path.abspath(args.output)
-    model_dir, train, val = prepare(run_dir)
+    model_dir, train, val = prepare(run_dir, args.init_std)
     from launch.train import main as train_main
 
     train_args = [
