@@ -100,3 +100,19 @@ def test_kill_and_resume_continues_exactly_and_logs_every_scalar(task, tmp_path)
     assert not missing, f"TensorBoard lacks {missing}"
     assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2, 3, 4]
     assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_shortened_demo_learns(tmp_path):
+    """`make demo` cut to 60 steps: the tiny MoE's mean reward rises (the full 120-step demo is
+    expected to gain >= 0.2; this shortened run must gain at least half of that)."""
+    out = str(tmp_path / "demo")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "demo.py"), "--steps", "60", "--output", out,
+                           "--trainer.test_freq=-1", "--trainer.save_freq=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("demo: mean reward")][-1]
+    print(line)
+    from launch.demo import reward_summary
+
+    first, last = reward_summary(os.path.join(out, "metrics.jsonl"))
+    assert last - first >= 0.1, line
