@@ -18,7 +18,7 @@ def ray_cluster():
 
     from megarl.rollout import init_ray
 
-    init_ray(num_cpus=max(2, os.cpu_count() or 2))
+    init_ray()  # the project's one Ray start-up, shared with the trainer tests (logical CPUs >= 4)
     yield
     ray.shutdown()
 

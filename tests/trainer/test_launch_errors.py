@@ -17,6 +17,20 @@ def _write_dataset(path, drop_field=None):
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_workers_may_start(monkeypatch):
+    """Ray may already run in this test session (other tests share it): instead of asking whether
+    it is initialised, make starting Ray or a worker group an error for these tests."""
+    import megarl.trainer.worker_group as worker_group
+    import megarl.utils.ray_runtime as ray_runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input must be rejected before Ray or any worker starts")
+
+    monkeypatch.setattr(ray_runtime, "init_ray", refuse)
+    monkeypatch.setattr(worker_group.RayWorkerGroup, "__init__", refuse)
+
+
 def _run(tiny_moe_dir, tmp_path, *extra):
     from launch.train import main
 
@@ -25,24 +39,20 @@ def _run(tiny_moe_dir, tmp_path, *extra):
 
 
 def test_a_dataset_missing_a_field_fails_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
-    import ray
     import torch.distributed as dist
 
     bad = _write_dataset(str(tmp_path / "bad.parquet"), drop_field="reward_model")
     assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{bad}]") == 2
     err = capsys.readouterr().err
     assert "reward_model" in err and "bad.parquet" in err
-    assert not ray.is_initialized() and not dist.is_initialized()
+    assert not dist.is_initialized()
 
 
 def test_a_resume_path_that_is_not_a_checkpoint_fails_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
-    import ray
-
     good = _write_dataset(str(tmp_path / "good.parquet"))
     os.makedirs(tmp_path / "half_written")
     assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", f"--trainer.resume={tmp_path / 'half_written'}") == 2
     assert "incomplete" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("override, field", [
