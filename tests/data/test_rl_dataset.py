@@ -53,7 +53,7 @@ def test_parquet_and_jsonl_give_the_same_templated_prompts(tmp_path, tokenizer):
 
 def test_pandas_written_parquet_and_custom_prompt_key(tmp_path, tokenizer):
     # verl's preprocessing scripts write parquet through pandas / datasets
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     frame = pd.DataFrame([row("q1"), row("q2")]).rename(columns={"prompt": "question_chat"})
     frame.to_parquet(tmp_path / "p.parquet")
     ds = RLDataset(RLDatasetConfig(files=[str(tmp_path / "p.parquet")], prompt_key="question_chat"), tokenizer)
