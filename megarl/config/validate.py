@@ -206,6 +206,11 @@ def _actor(cfg, errors, warnings):
     elif d.train_batch_size % ac.ppo_mini_batch_size:
         errors.append(f"actor.ppo_mini_batch_size: {ac.ppo_mini_batch_size} does not divide "
                       f"data.train_batch_size {d.train_batch_size} (both count prompts)")
+    # Say so rather than silently ignore them: the trainer does not yet move state between phases.
+    not_yet = [name for name in ("param_offload", "grad_offload", "optimizer_offload") if getattr(ac, name)]
+    if not_yet:
+        warnings.append(f"actor.{', actor.'.join(not_yet)}: accepted but not acted on yet (the memory plan "
+                        "counts them; the trainer keeps actor and reference state in place between phases)")
     longest = d.max_prompt_length + cfg.rollout.max_new_tokens
     if ac.use_dynamic_bsz:
         for name in ("max_token_len_per_gpu", "log_prob_max_token_len_per_gpu"):

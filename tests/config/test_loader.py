@@ -154,3 +154,12 @@ def test_resolved_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert from_dict(MegaRLConfig, read_yaml(str(path))) == cfg
+
+
+def test_offload_switches_the_trainer_does_not_act_on_yet_are_reported():
+    from megarl.config import build_config
+
+    _, warnings = build_config(None, [("model.path", "m"), ("data.train_files", "[t.parquet]"),
+                                      ("actor.param_offload", "true"), ("actor.grad_offload", "true")],
+                               check_paths=False)
+    assert any(w.startswith("actor.param_offload, actor.grad_offload: accepted but not acted on yet") for w in warnings)

@@ -52,10 +52,13 @@ def test_valid_config_is_printed_then_handed_to_the_trainer(capsys, trainer_spy,
     assert "  n: 8\n" in out and f"  path: {tiny_moe_dir}\n" in out
 
 
-def test_missing_data_files_stop_a_real_run_but_not_a_dry_run(capsys, trainer_spy, tiny_moe_dir):
-    rc, _, err = _run_main(capsys, ["--config", TINY_RECIPE, f"--model.path={tiny_moe_dir}"])
-    assert rc == 2 and "data.train_files[0]: 'runs/tiny_moe_grpo_cpu/data/train.parquet' does not exist" in err
-    rc, out, _ = _run_main(capsys, ["--config", TINY_RECIPE, f"--model.path={tiny_moe_dir}", "--dry-run"])
+def test_missing_data_files_stop_a_real_run_but_not_a_dry_run(capsys, trainer_spy, tiny_moe_dir, tmp_path):
+    # a path that exists nowhere (the recipe's own data path does exist once `make demo` has run)
+    missing = str(tmp_path / "absent" / "train.parquet")
+    args = ["--config", TINY_RECIPE, f"--model.path={tiny_moe_dir}", f"--data.train_files=[{missing}]"]
+    rc, _, err = _run_main(capsys, args)
+    assert rc == 2 and f"data.train_files[0]: '{missing}' does not exist" in err
+    rc, out, _ = _run_main(capsys, [*args, "--dry-run"])
     assert rc == 0 and trainer_spy == []
     assert "experts per EP rank: 2; attention heads per TP rank: 4; KV heads per TP rank: 2" in out
     assert "training layout: TP 1 x PP 1 x CP 1 x DP 2; experts: EP 2 x ETP 1 x expert-DP 1" in out
