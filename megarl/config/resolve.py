@@ -36,6 +36,13 @@ def resolve(cfg: MegaRLConfig) -> MegaRLConfig:
         p.etp = p.tp
     if p.sequence_parallel is None:
         p.sequence_parallel = p.tp > 1
+    if a.adv_estimator is None:
+        a.adv_estimator = "gae" if a.name == "ppo" else "grpo"
+    c = cfg.critic
+    c.path = c.path or m.path
+    c.ppo_epochs = c.ppo_epochs or cfg.actor.ppo_epochs
+    c.ppo_mini_batch_size = c.ppo_mini_batch_size or cfg.actor.ppo_mini_batch_size
+    c.micro_batch_size = c.micro_batch_size or cfg.actor.micro_batch_size
     if a.clip_ratio_low is None:
         a.clip_ratio_low = a.clip_ratio
     if a.clip_ratio_high is None:

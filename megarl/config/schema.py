@@ -189,8 +189,12 @@ class DynamicSamplingConfig:
 
 @dataclass
 class AlgorithmConfig:
-    adv_estimator: str = "grpo"
-    """Registered advantage estimator (megarl.algorithms), e.g. grpo, rloo, reinforce_plus_plus."""
+    name: Literal["grpo", "ppo"] = "grpo"
+    """grpo: critic-free (group baselines, or rloo / reinforce_plus_plus through adv_estimator);
+    ppo: a Megatron critic (section `critic`) learns values and advantages come from GAE."""
+    adv_estimator: Optional[str] = None
+    """Registered advantage estimator (megarl.algorithms): grpo, rloo, reinforce_plus_plus, gae, ...
+    None = from `name` (grpo -> grpo, ppo -> gae)."""
     norm_adv_by_std: bool = True
     """GRPO: divide group-centred rewards by the group std (False = Dr. GRPO)."""
     gamma: float = 1.0
@@ -266,7 +270,62 @@ class ActorConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The PPO value model (built when algorithm.name = ppo): the actor's architecture with a scalar
+    value head in place of the LM head, on the same parallel layout, with its own optimizer. Batch
+    fields left at None take the actor's value."""
+
+    path: Optional[str] = None
+    """HF folder the critic starts from; None = model.path (the actor's weights, a fresh value head).
+    A folder whose weights hold `score.weight` (an exported critic, a *ForTokenClassification model)
+    loads the value head too."""
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    ppo_epochs: Optional[int] = None
+    ppo_mini_batch_size: Optional[int] = None
+    """Prompts per critic optimizer step, like actor.ppo_mini_batch_size."""
+    micro_batch_size: Optional[int] = None
+    cliprange_value: Optional[float] = 0.5
+    """New values are clipped to old value +- this (PPO value clipping); None = no clipping."""
+    loss_agg_mode: str = "token-mean"
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (trainer.type = sft) on conversations: loss on assistant tokens only.
+    `data.train_batch_size` counts conversations per optimizer step; micro-batching follows
+    `actor.micro_batch_size` or, with `actor.use_dynamic_bsz`, packs by `actor.max_token_len_per_gpu`."""
+
+    messages_key: str = "messages"
+    max_length: int = 2048
+    """Tokens per conversation after the chat template; longer ones are dropped or cut (truncation)."""
+    filter_overlong: bool = True
+    truncation: Literal["error", "left", "right"] = "error"
+    max_trained_count: Optional[int] = None
+    """Train each conversation at most this many times over the run (None = no limit): when every
+    sample has reached it the run ends, and samples at the cap are skipped by later epochs."""
+    loss_agg_mode: str = "token-mean"
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (trainer.type = dpo) against a frozen reference (model.ref_path).
+    `data.train_batch_size` counts pairs per optimizer step."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    """Registered DPO loss (megarl.algorithms.DPO_LOSSES): sigmoid | ipo."""
+    label_smoothing: float = 0.0
+    max_length: int = 2048
+    """Tokens of prompt + the longer response; longer pairs are dropped."""
+
+
+@dataclass
 class TrainerConfig:
+    type: Literal["rl", "sft", "dpo"] = "rl"
+    """rl: rollouts + GRPO/PPO (algorithm.name); sft: supervised on conversations (section `sft`);
+    dpo: preference pairs (section `dpo`)."""
+    critic_warmup: int = 0
+    """PPO: the first this-many steps train only the critic (the actor is not updated)."""
     total_steps: Optional[int] = None
     """None = total_epochs passes over data.train_files."""
     total_epochs: int = 1
@@ -305,6 +364,9 @@ class MegaRLConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     @property

@@ -24,6 +24,9 @@ REGISTRY_CHECKS: list[tuple[str, str, str]] = [
     ("algorithm.kl_loss_type", "megarl.algorithms", "KL_ESTIMATORS"),
     ("rollout.weight_sync.transport", "megarl.rollout.weight_sync.base", "registered_transports"),
     ("rollout.multi_turn_scheduler", "megarl.rollout.multi_turn", "_SCHEDULERS"),
+    ("critic.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
+    ("sft.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
+    ("dpo.loss_type", "megarl.algorithms", "DPO_LOSSES"),
 ]
 _NOT_REGISTRY_NAMES = {"auto"}
 
@@ -37,7 +40,8 @@ def validate(cfg: MegaRLConfig, *, check_paths: bool = True, check_data_paths: b
     """
     errors: list[str] = []
     warnings: list[str] = []
-    for check in (_model, _parallel, _rollout, _data, _reward, _algorithm, _optimizer, _actor, _trainer):
+    for check in (_model, _parallel, _rollout, _data, _reward, _algorithm, _optimizer, _actor, _critic, _sft_dpo,
+                  _trainer):
         check(cfg, errors, warnings)
     _registries(cfg, errors)
     if check_paths:
@@ -169,30 +173,72 @@ def _algorithm(cfg, errors, warnings):
               allow_zero=True)
 
 
-def _optimizer(cfg, errors, warnings):
-    o = cfg.optimizer
-    _positive(errors, "optimizer.lr", o.lr)
-    _positive(errors, "optimizer.min_lr", o.min_lr, allow_zero=True)
-    _positive(errors, "optimizer.lr_warmup_steps", o.lr_warmup_steps, allow_zero=True)
-    _positive(errors, "optimizer.weight_decay", o.weight_decay, allow_zero=True)
-    _positive(errors, "optimizer.clip_grad", o.clip_grad, allow_zero=True)
+def _optimizer(cfg, errors, warnings, o=None, section: str = "optimizer"):
+    o = o or cfg.optimizer
+    _positive(errors, f"{section}.lr", o.lr)
+    _positive(errors, f"{section}.min_lr", o.min_lr, allow_zero=True)
+    _positive(errors, f"{section}.lr_warmup_steps", o.lr_warmup_steps, allow_zero=True)
+    _positive(errors, f"{section}.weight_decay", o.weight_decay, allow_zero=True)
+    _positive(errors, f"{section}.clip_grad", o.clip_grad, allow_zero=True)
     if o.min_lr > o.lr:
-        errors.append(f"optimizer.min_lr: {o.min_lr} exceeds optimizer.lr {o.lr}")
+        errors.append(f"{section}.min_lr: {o.min_lr} exceeds {section}.lr {o.lr}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(o, name) < 1:
-            errors.append(f"optimizer.{name}: must be in [0, 1), got {getattr(o, name)}")
+            errors.append(f"{section}.{name}: must be in [0, 1), got {getattr(o, name)}")
     if not 0 <= o.optimizer_offload_fraction <= 1:
-        errors.append(f"optimizer.optimizer_offload_fraction: must be in [0, 1], got {o.optimizer_offload_fraction}")
+        errors.append(f"{section}.optimizer_offload_fraction: must be in [0, 1], got {o.optimizer_offload_fraction}")
     if o.optimizer_offload_fraction > 0 and not o.optimizer_cpu_offload:
-        errors.append("optimizer.optimizer_offload_fraction: > 0 has no effect without "
-                      "optimizer.optimizer_cpu_offload=true; turn that on or set the fraction to 0")
+        errors.append(f"{section}.optimizer_offload_fraction: > 0 has no effect without "
+                      f"{section}.optimizer_cpu_offload=true; turn that on or set the fraction to 0")
     if o.overlap_cpu_optimizer_d2h_h2d and not o.optimizer_cpu_offload:
-        errors.append("optimizer.overlap_cpu_optimizer_d2h_h2d: needs optimizer.optimizer_cpu_offload=true")
+        errors.append(f"{section}.overlap_cpu_optimizer_d2h_h2d: needs {section}.optimizer_cpu_offload=true")
     # megatron-core asserts these in OptimizerConfig.__post_init__; say it here, before any work.
     if o.use_precision_aware_optimizer and not o.use_distributed_optimizer:
-        errors.append("optimizer.use_precision_aware_optimizer: needs optimizer.use_distributed_optimizer=true")
+        errors.append(f"{section}.use_precision_aware_optimizer: needs {section}.use_distributed_optimizer=true")
     if o.optimizer_cpu_offload and not o.use_distributed_optimizer:
-        errors.append("optimizer.optimizer_cpu_offload: needs optimizer.use_distributed_optimizer=true")
+        errors.append(f"{section}.optimizer_cpu_offload: needs {section}.use_distributed_optimizer=true")
+
+
+def _critic(cfg, errors, warnings):
+    a, c = cfg.algorithm, cfg.critic
+    if a.adv_estimator == "gae" and a.name != "ppo":
+        errors.append("algorithm.adv_estimator: gae needs values from a critic; set algorithm.name=ppo "
+                      f"(got name={a.name!r})")
+    if a.name == "ppo" and a.adv_estimator != "gae":
+        errors.append(f"algorithm.adv_estimator: algorithm.name=ppo trains a critic for GAE; {a.adv_estimator!r} "
+                      "would not use its values (set adv_estimator=gae, or name=grpo for critic-free estimators)")
+    _positive(errors, "trainer.critic_warmup", cfg.trainer.critic_warmup, allow_zero=True)
+    if a.name != "ppo":
+        if cfg.trainer.critic_warmup:
+            errors.append("trainer.critic_warmup: only meaningful with algorithm.name=ppo")
+        return
+    _optimizer(cfg, errors, warnings, c.optimizer, "critic.optimizer")
+    for name in ("ppo_epochs", "ppo_mini_batch_size", "micro_batch_size"):
+        _positive(errors, f"critic.{name}", getattr(c, name))
+    if c.cliprange_value is not None and c.cliprange_value <= 0:
+        errors.append(f"critic.cliprange_value: must be > 0 (or null for no clipping), got {c.cliprange_value}")
+    batch = cfg.data.train_batch_size
+    if c.ppo_mini_batch_size and batch % c.ppo_mini_batch_size:
+        errors.append(f"critic.ppo_mini_batch_size: {c.ppo_mini_batch_size} does not divide "
+                      f"data.train_batch_size {batch} (both count prompts)")
+
+
+def _sft_dpo(cfg, errors, warnings):
+    s, d = cfg.sft, cfg.dpo
+    _positive(errors, "sft.max_length", s.max_length)
+    _positive(errors, "sft.max_trained_count", s.max_trained_count)
+    _positive(errors, "dpo.max_length", d.max_length)
+    if d.beta <= 0:
+        errors.append(f"dpo.beta: must be > 0, got {d.beta}")
+    if not 0 <= d.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+    if cfg.trainer.type != "rl" and cfg.algorithm.name == "ppo":
+        errors.append(f"algorithm.name: ppo is an RL algorithm; trainer.type={cfg.trainer.type} does not use it")
+    if cfg.actor.use_dynamic_bsz and cfg.trainer.type in ("sft", "dpo"):
+        longest = s.max_length if cfg.trainer.type == "sft" else d.max_length
+        if cfg.actor.max_token_len_per_gpu < longest:
+            errors.append(f"actor.max_token_len_per_gpu: {cfg.actor.max_token_len_per_gpu} tokens cannot hold one "
+                          f"sequence of up to {longest} tokens ({cfg.trainer.type}.max_length); raise it")
 
 
 def _actor(cfg, errors, warnings):
@@ -200,6 +246,8 @@ def _actor(cfg, errors, warnings):
     for name in ("ppo_epochs", "ppo_mini_batch_size", "micro_batch_size", "max_token_len_per_gpu",
                  "log_prob_max_token_len_per_gpu"):
         _positive(errors, f"actor.{name}", getattr(ac, name))
+    if cfg.trainer.type != "rl":
+        return  # the rest is about rollout batches
     if ac.ppo_mini_batch_size > d.train_batch_size:
         errors.append(f"actor.ppo_mini_batch_size: {ac.ppo_mini_batch_size} prompts exceeds "
                       f"data.train_batch_size {d.train_batch_size}")
@@ -279,6 +327,9 @@ def _paths(cfg, errors, check_data_paths: bool):
         errors.append(f"model.path: {cfg.model.path!r} has no config.json (expected a HuggingFace model folder)")
     if cfg.model.ref_path and cfg.model.ref_path != cfg.model.path and not os.path.isdir(cfg.model.ref_path):
         errors.append(f"model.ref_path: {cfg.model.ref_path!r} is not a folder")
+    critic = cfg.critic.path
+    if cfg.algorithm.name == "ppo" and critic and not os.path.isfile(os.path.join(critic, "config.json")):
+        errors.append(f"critic.path: {critic!r} has no config.json (expected a HuggingFace model folder)")
     for key in ("train_files", "val_files") if check_data_paths else ():
         for i, path in enumerate(getattr(cfg.data, key)):
             if not os.path.exists(path):

@@ -175,12 +175,25 @@ def plan_micro_batches(
     micro_batch_size: int | None = None,
     max_tokens: int | None = None,
     align: int = 1,
+    group_size: int = 1,
 ) -> MicroBatchPlan:
     """Balanced DP split, then micro-batches by count (`micro_batch_size` sequences) or by token
     budget (`max_tokens`: sum of aligned sequence lengths per micro-batch, before any CP split).
 
+    `group_size` > 1 keeps each run of `group_size` consecutive sequences together, in order, in one
+    micro-batch (DPO: chosen and rejected of a pair); `micro_batch_size` then counts groups.
     Every micro-batch is non-empty; raises ValueError when the batch is too small for that.
     """
+    if group_size > 1:
+        if len(lengths) % group_size:
+            raise ValueError(f"{len(lengths)} sequences do not form groups of {group_size}")
+        costs = [round_up(int(length), align) for length in lengths]
+        group_costs = [sum(costs[g * group_size:(g + 1) * group_size]) for g in range(len(lengths) // group_size)]
+        plan = plan_micro_batches(group_costs, dp_size, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
+        return MicroBatchPlan([
+            [[g * group_size + k for g in sorted(mb) for k in range(group_size)] for mb in rank]
+            for rank in plan.assignment
+        ])
     if (micro_batch_size is None) == (max_tokens is None):
         raise ValueError("give exactly one of micro_batch_size (sequences) or max_tokens (token budget)")
     n = len(lengths)

@@ -53,6 +53,7 @@ class MicroBatchOptions:
     micro_batch_size: int | None = None
     max_tokens_per_gpu: int | None = None  # default when neither is set: 4096
     packed: bool = True  # THD packing (no padding between sequences) vs padded [b, S] rows
+    group_size: int = 1  # keep runs of this many consecutive sequences in one micro-batch (DPO pairs)
 
     def __post_init__(self):
         if self.micro_batch_size is not None and self.max_tokens_per_gpu is not None:
@@ -185,7 +186,7 @@ class MegatronEngine:
         max_tokens = None if opts.max_tokens_per_gpu is None else opts.max_tokens_per_gpu * pos.cp_size
         plan = plan_micro_batches(
             batch.lengths.tolist(), pos.dp_size, micro_batch_size=opts.micro_batch_size,
-            max_tokens=max_tokens, align=align,
+            max_tokens=max_tokens, align=align, group_size=opts.group_size,
         )
         return [MicroBatch.build(batch, idx, packed=opts.packed, align=align) for idx in plan.for_rank(pos.dp_rank)]
 

@@ -1,4 +1,6 @@
-"""The training loops. `run(config)` is what `launch/train.py` calls.
+"""The training loops. `run(config)` is what `launch/train.py` calls; `trainer.type` picks the loop:
+rl (GRPO / PPO with rollouts, `rl_trainer.RLTrainer`), sft (`sft_trainer.SFTTrainer`) or dpo
+(`dpo_trainer.DPOTrainer`).
 
 Two ways to start the same loop:
 - `python launch/train.py ...` (a Ray driver): the training ranks are Ray actors the driver places,
@@ -6,6 +8,20 @@ Two ways to start the same loop:
 - `torchrun --nproc-per-node N launch/train.py ...`: the training ranks are torchrun's processes;
   rank 0 runs the loop (data, rollout, rewards) and the others follow its calls.
 """
+
+
+import importlib
+
+TRAINERS = {
+    "rl": "megarl.trainer.rl_trainer:RLTrainer",
+    "sft": "megarl.trainer.sft_trainer:SFTTrainer",
+    "dpo": "megarl.trainer.dpo_trainer:DPOTrainer",
+}
+
+
+def trainer_class(kind: str):
+    module, _, name = TRAINERS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def run(cfg) -> list[dict]:
@@ -22,9 +38,7 @@ def run(cfg) -> list[dict]:
         if dist.get_rank() != 0:
             follow_rank0()
             return []
-    from megarl.trainer.rl_trainer import RLTrainer
-
-    trainer = RLTrainer(cfg)
+    trainer = trainer_class(cfg.trainer.type)(cfg)
     try:
         return trainer.fit()
     finally:

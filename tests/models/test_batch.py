@@ -97,3 +97,20 @@ def test_micro_batch_labels_and_alignment(packed):
     assert sorted(idx.tolist()) == list(range(mb.tokens.size(1)))
     local = mb.model_inputs(2, 1)
     assert torch.equal(local["input_ids"], mb.tokens[:, mb.cp_index(2, 1)])
+
+
+def test_group_size_keeps_pairs_together_in_order():
+    from megarl.models.batch import plan_micro_batches
+
+    lengths = [5, 9, 3, 3, 8, 1, 2, 2]  # four pairs
+    plan = plan_micro_batches(lengths, 2, micro_batch_size=1, group_size=2)
+    seen = sorted(i for rank in plan.assignment for mb in rank for i in mb)
+    assert seen == list(range(8))
+    for rank in plan.assignment:
+        assert len(rank) == 2
+        for mb in rank:
+            assert len(mb) == 2 and mb[0] % 2 == 0 and mb[1] == mb[0] + 1
+    budget = plan_micro_batches(lengths, 1, max_tokens=14, group_size=2)
+    for mb in budget.assignment[0]:
+        assert sum(lengths[i] for i in mb) <= 14
+        assert all(mb[k + 1] == mb[k] + 1 for k in range(0, len(mb), 2))
