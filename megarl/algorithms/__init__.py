@@ -11,7 +11,7 @@ Where things are:
   rollout_correction.py  truncated IS, rejection masking, mismatch metrics
   loss.py                PolicyLossOptions, compute_policy_loss (the trainer's entry), compute_value_loss
   preference.py          compute_sft_loss, compute_dpo_loss (sigmoid, ipo)
-  engine_loss.py         policy_loss_fn / sft_loss_fn: the engine's loss_fn(logprobs, entropy, mb)
+  engine_loss.py         policy_loss_fn / sft_loss_fn / value_loss_fn: the engine's loss_fn(logprobs, entropy, mb)
 """
 
 from megarl.algorithms.advantages import (
@@ -32,7 +32,7 @@ from megarl.algorithms.aggregation import (
     masked_mean,
     masked_whiten,
 )
-from megarl.algorithms.engine_loss import PolicyLossFields, policy_loss_fn, sft_loss_fn
+from megarl.algorithms.engine_loss import PolicyLossFields, policy_loss_fn, sft_loss_fn, value_loss_fn
 from megarl.algorithms.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,

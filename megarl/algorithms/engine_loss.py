@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megarl.algorithms.aggregation import LossNormalisers
-from megarl.algorithms.loss import PolicyLossOptions, compute_policy_loss
+from megarl.algorithms.loss import PolicyLossOptions, compute_policy_loss, compute_value_loss
 from megarl.algorithms.preference import compute_sft_loss
 
 
@@ -63,5 +63,28 @@ def sft_loss_fn(normalisers: LossNormalisers, *, loss_agg_mode: str = "token-mea
 
     def loss_fn(logprobs, entropy, micro_batch):
         return compute_sft_loss(logprobs, micro_batch.fields[loss_mask_field], normalisers, loss_agg_mode=loss_agg_mode)
+
+    return loss_fn
+
+
+def value_loss_fn(
+    normalisers: LossNormalisers,
+    *,
+    cliprange_value: float | None = 0.5,
+    loss_agg_mode: str = "token-mean",
+    fields: tuple[str, str, str] = ("old_values", "returns", "loss_mask"),
+):
+    """A `loss_fn` for a critic engine's `train_step` (which passes token-aligned values in place of
+    log-probs): the clipped value loss of `compute_value_loss` against the micro-batch's old values
+    and returns. old_values missing = no clipping reference (values.detach())."""
+    old_field, returns_field, mask_field = fields
+
+    def loss_fn(values, _entropy, micro_batch):
+        f = micro_batch.fields
+        old = f.get(old_field)
+        return compute_value_loss(
+            values, values.detach() if old is None else old, f[returns_field], f[mask_field], normalisers,
+            cliprange_value=cliprange_value, loss_agg_mode=loss_agg_mode,
+        )
 
     return loss_fn

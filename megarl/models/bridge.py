@@ -148,9 +148,13 @@ class BridgeNamedChunk:
     """
 
     def __init__(self, chunk: torch.nn.Module, spec: LayerSpecKind):
+        from megarl.models.value_head import is_value_model
+
         model = unwrap_chunk(chunk)
         self.decoder = model.decoder
         own_state = model.state_dict(keep_vars=True)
+        if is_value_model(model):  # a critic's head has no mbridge mapping: see megarl.models.value_head
+            own_state = {k: v for k, v in own_state.items() if not k.startswith("output_layer.")}
         self.name_map = bridge_name_map(own_state.keys(), spec)
         self._state = {self.name_map[name]: own_state[name] for name in self.name_map}
 

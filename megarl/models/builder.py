@@ -44,6 +44,7 @@ class ModelHandle:
     trainable: bool
     layer_spec: LayerSpecKind
     ddp_config: "DistributedDataParallelConfig | None" = field(default=None)
+    value_head: bool = False  # a critic: the last stage outputs one value per position, not logits
 
     def unwrapped_chunks(self) -> list[torch.nn.Module]:
         """The GPTModel of each chunk, without DDP wrappers."""
@@ -127,6 +128,7 @@ def build_megatron_model(
     dtype: torch.dtype = torch.float32,
     make_vocab_size_divisible_by: int | None = None,
     config_overrides: dict[str, Any] | None = None,
+    value_head: bool = False,
 ) -> ModelHandle:
     """A megatron-core GPTModel for the HF model in `hf_dir`, sharded for `layout` on this rank.
 
@@ -136,6 +138,9 @@ def build_megatron_model(
     fields as a dict) is used with `wrap_with_ddp`; default `grad_reduce_in_fp32=True`.
     `config_overrides` sets any other TransformerConfig field (applied last). With `dtype`
     bfloat16/float16 each chunk is wrapped in megatron's Float16Module (fp32 logits out).
+    `value_head=True` builds a critic (megarl.models.value_head): the LM head is replaced by a scalar
+    value head, loaded from the folder's `score.*` tensors when it has them, freshly initialised
+    otherwise (e.g. a critic started from the actor's language model).
     """
     import torch.distributed as dist
 
@@ -144,6 +149,10 @@ def build_megatron_model(
     if wrap_with_ddp and not trainable:
         raise ValueError("wrap_with_ddp=True with trainable=False: a frozen reference model has no gradients to reduce")
     hf_config = load_hf_config_for_bridge(hf_dir)
+    if value_head:
+        # The value head never shares the input embedding (and with PP > 1 megatron would all-reduce
+        # a tied output weight with the first stage's embedding).
+        hf_config.tie_word_embeddings = False
     validate_layout(layout, dist.get_world_size(), ModelShape.from_hf_config(hf_config))
     check_parallel_state_matches(layout)
 
@@ -156,6 +165,14 @@ def build_megatron_model(
     )
     spec = current_layer_spec_kind()
     chunks = _build_chunks(bridge, layout)
+    if value_head:
+        from megarl.models.value_head import attach_value_head, load_value_head
+
+        for chunk in chunks:
+            if chunk.post_process:
+                attach_value_head(chunk, bridge.config)
+                if load_weights:
+                    load_value_head(chunk, hf_dir)
     if load_weights:
         load_hf_weights_into_chunks(bridge, chunks, hf_dir, spec)
     if dtype in (torch.bfloat16, torch.float16):
@@ -172,5 +189,5 @@ def build_megatron_model(
         chunks, used_ddp_config = _wrap_with_ddp(chunks, bridge.config, ddp_config)
     return ModelHandle(
         chunks=chunks, bridge=bridge, config=bridge.config, hf_config=bridge.hf_config, layout=layout,
-        hf_dir=hf_dir, trainable=trainable, layer_spec=spec, ddp_config=used_ddp_config,
+        hf_dir=hf_dir, trainable=trainable, layer_spec=spec, ddp_config=used_ddp_config, value_head=value_head,
     )

@@ -5,6 +5,9 @@
     result = engine.train_step(batch, loss_fn)       # one optimizer step
     for name, tensor in engine.export_hf_weights(): ...
 
+A critic (built with `value_head=True`) has `forward_values` instead of `forward_logprobs`, and its
+`train_step` hands `loss_fn` token-aligned values in place of log-probs (entropy None).
+
 Every rank passes the same global `SequenceBatch`; the engine splits it across DP ranks and into
 micro-batches (identically on every rank), runs megatron's pipeline schedule, and returns results
 on every rank.
@@ -36,6 +39,7 @@ from megarl.models.forward import (
     run_schedule,
     share_across_world,
     token_scores,
+    token_values,
 )
 from megarl.models.optimizer import OptimizerOptions, build_optimizer, current_lr
 
@@ -207,16 +211,36 @@ class MegatronEngine:
         """Token-aligned log-probs (nats) and optionally entropy of `logits / temperature`, each
         `[B, S]` like `batch.input_ids` (0 at position 0 and padding), identical on every rank.
         `micro_batches` overrides the engine's micro-batching for this call."""
+        if self.handle.value_head:
+            raise RuntimeError("this engine holds a critic (value head): use forward_values")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        outputs = self._forward_only(batch, micro_batches, lambda logits, mb, pos: token_scores(
+            logits, mb, pos, temperature, with_entropy, self.vocab_size), num_outputs=2 if with_entropy else 1)
+        logprobs = outputs[0]
+        return logprobs, (outputs[1] if with_entropy else None)
+
+    @torch.no_grad()
+    def forward_values(self, batch: SequenceBatch, *, micro_batches: MicroBatchOptions | None = None) -> torch.Tensor:
+        """A critic's token-aligned values `[B, S]`: position t holds V(tokens < t) (see
+        `forward.token_values`), 0 at position 0 and padding; identical on every rank."""
+        if not self.handle.value_head:
+            raise RuntimeError("forward_values needs a critic (build_megatron_model(..., value_head=True))")
+        return self._forward_only(batch, micro_batches, lambda out, mb, pos: (token_values(out, mb, pos),), 1)[0]
+
+    def _forward_only(
+        self, batch: SequenceBatch, micro_batches: MicroBatchOptions | None, score, num_outputs: int
+    ) -> list[torch.Tensor]:
+        """Run the inference schedule; `score(output, mb, pos)` gives a tuple of `[b, L]` tensors per
+        micro-batch, whose first `num_outputs` are returned scattered into `[B, S]` tensors on every rank."""
         pos = self.rank_position()
         micro_batches = self.local_micro_batches(batch, micro_batches)
 
         def forward_step(model, mb, inputs):
             output = model_forward(model, inputs)
 
-            def collect(logits, non_loss_data=True):
-                return token_scores(logits, mb, pos, temperature, with_entropy, self.vocab_size)
+            def collect(output, non_loss_data=True):
+                return score(output, mb, pos)
 
             return output, collect
 
@@ -230,18 +254,14 @@ class MegatronEngine:
                 chunk.train(mode)
 
         shape = tuple(batch.input_ids.shape)
-        logprobs = torch.zeros(shape)
-        entropy = torch.zeros(shape) if with_entropy else None
-        if pos.is_last_stage:
-            for mb, (lp, ent) in zip(micro_batches, outputs):
-                width = lp.size(1)
-                logprobs[mb.indices, :width] = lp.float().cpu()
-                if with_entropy:
-                    entropy[mb.indices, :width] = ent.float().cpu()
-        logprobs = share_across_world(logprobs, pos)
-        if with_entropy:
-            entropy = share_across_world(entropy, pos)
-        return logprobs, entropy
+        results = []
+        for k in range(num_outputs):
+            full = torch.zeros(shape)
+            if pos.is_last_stage:
+                for mb, values in zip(micro_batches, outputs):
+                    full[mb.indices, : values[k].size(1)] = values[k].float().cpu()
+            results.append(share_across_world(full, pos))
+        return results
 
     # ------------------------------------------------------------------ training
 
@@ -272,8 +292,11 @@ class MegatronEngine:
         def forward_step(model, mb, inputs):
             output = model_forward(model, inputs)
 
-            def loss_func(logits):
-                logprobs, entropy = token_scores(logits, mb, pos, temperature, with_entropy, self.vocab_size)
+            def loss_func(output):
+                if self.handle.value_head:
+                    logprobs, entropy = token_values(output, mb, pos), None  # values, for the critic's loss_fn
+                else:
+                    logprobs, entropy = token_scores(output, mb, pos, temperature, with_entropy, self.vocab_size)
                 loss, metrics = loss_fn(logprobs, entropy, mb.sequences.to(logprobs.device))
                 if loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")

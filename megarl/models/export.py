@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.distributed as dist
 
-from megarl.models.bridge import BridgeNamedChunk
+from megarl.models.bridge import BridgeNamedChunk, unwrap_chunk
+from megarl.models.value_head import VALUE_HEAD_HF_NAMES, is_value_model
 from megarl.models.naming import is_moe_expert_name, split_expert_name
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ def _local_shards(handle: "ModelHandle") -> list[tuple[_ShardInfo, torch.Tensor]
             partition_dim = tensor.partition_dim if getattr(tensor, "tensor_model_parallel", False) else None
             info = _ShardInfo(global_name, tuple(tensor.shape), tensor.dtype, partition_dim)
             shards.append((info, tensor.detach()))
+        model = unwrap_chunk(chunk)
+        if is_value_model(model):  # replicated over TP, exported under its HF name as is
+            for key, hf_name in VALUE_HEAD_HF_NAMES.items():
+                tensor = getattr(model.output_layer, key)
+                shards.append((_ShardInfo(hf_name, tuple(tensor.shape), tensor.dtype, None), tensor.detach()))
     return shards
 
 
@@ -85,6 +91,9 @@ def bridge_mpu(handle: "ModelHandle"):
 def _full_tensors(handle: "ModelHandle", info: _ShardInfo, shard: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one megatron shard present (after PP broadcast) on this rank."""
     bridge, mpu = handle.bridge, bridge_mpu(handle)
+    if info.name in VALUE_HEAD_HF_NAMES.values():
+        yield info.name, shard
+        return
     if is_moe_expert_name(info.name):
         stem, local_expert = split_expert_name(info.name)
         experts_per_rank = handle.config.num_moe_experts // mpu.ep_size
@@ -208,4 +217,10 @@ def save_hf_checkpoint(handle: "ModelHandle", out_dir: str, max_shard_bytes: int
         source = os.path.join(handle.hf_dir, side_file)
         if os.path.exists(source):
             shutil.copy2(source, os.path.join(out_dir, side_file))
+    if handle.value_head:  # a critic loads back as *ForTokenClassification with one label
+        from transformers import AutoConfig
+
+        from megarl.models.value_head import value_model_hf_config
+
+        value_model_hf_config(AutoConfig.from_pretrained(handle.hf_dir)).save_pretrained(out_dir)
     return list(final.values())

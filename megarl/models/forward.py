@@ -173,6 +173,13 @@ def token_scores(
     return logprobs, entropy
 
 
+def token_values(output: torch.Tensor, mb: MicroBatch, pos: RankPosition) -> torch.Tensor:
+    """Token-aligned critic values `[b, max_len]` from a value model's last-stage output
+    `[rows, s_local, 1]`: position t holds V(tokens < t), the head's output at position t-1 (the
+    state before token t is generated), 0 at t = 0 and at padding. Identical on every TP/CP rank."""
+    return mb.aligned(gather_context_parallel(output[..., 0], mb, pos))
+
+
 def run_schedule(
     chunks: Sequence[torch.nn.Module],
     micro_batches: Sequence[MicroBatch],
