@@ -1,0 +1,37 @@
+"""Direct preference optimisation (`trainer.type: dpo`) against a frozen reference (`model.ref_path`,
+by default the initial policy). Each pair becomes two sequences, prompt + chosen and prompt +
+rejected, laid out consecutively so that micro-batches keep pairs whole; the loss reads the response
+tokens only. The reference log-probs are computed once per batch on the training micro-batch plan.
+
+Logged per step: train/loss (= train/dpo_loss), train/rewards/{chosen,rejected,margins,accuracies}
+(beta-scaled policy-minus-reference log-probs; accuracies = fraction of pairs ranked right),
+train/grad_norm, train/lr, timing_s/*; the same under val/ on data.val_files.
+"""
+
+from __future__ import annotations
+
+from megarl.trainer.supervised_loop import SupervisedTrainer
+
+
+class DPOTrainer(SupervisedTrainer):
+    worker_step = "dpo_step"
+    worker_eval = "dpo_eval"
+
+    def build_dataset(self, files):
+        from megarl.data import DPODataset, DPODatasetConfig
+
+        return DPODataset(DPODatasetConfig(files=list(files), max_length=self.cfg.dpo.max_length), self.tokenizer)
+
+    def make_batch(self, samples):
+        """`[2 * pairs, S]`: rows 2i (prompt + chosen) and 2i+1 (prompt + rejected), loss on responses."""
+        from megarl.models.batch import SequenceBatch
+
+        sequences, masks = [], []
+        for s in samples:
+            for response in (s.chosen_ids, s.rejected_ids):
+                sequences.append(s.prompt_ids + response)
+                masks.append([0] * len(s.prompt_ids) + [1] * len(response))
+        return SequenceBatch.from_sequences(sequences, loss_mask=masks)
+
+    def summarize_validation(self, result: dict) -> dict:
+        return {f"val/{k}": v for k, v in result.items()}

@@ -1,0 +1,37 @@
+"""Supervised fine-tuning on chat conversations (`trainer.type: sft`): cross-entropy on the
+assistant's tokens only (every assistant turn of a multi-turn conversation, end-of-turn marker
+included), sequences packed into token-budget micro-batches with `actor.use_dynamic_bsz`.
+
+Logged per step: train/loss (the `sft.loss_agg_mode` aggregate), train/nll_token_mean, train/grad_norm,
+train/lr, train/tokens, timing_s/*; val/loss (token-mean NLL over data.val_files, nats) every
+trainer.test_freq steps and at the end.
+"""
+
+from __future__ import annotations
+
+from megarl.config.schema import MegaRLConfig
+from megarl.trainer.supervised_loop import SupervisedTrainer
+
+
+class SFTTrainer(SupervisedTrainer):
+    worker_step = "sft_step"
+    worker_eval = "sft_eval"
+
+    def __init__(self, cfg: MegaRLConfig):
+        self.max_trained_count = cfg.sft.max_trained_count
+        super().__init__(cfg)
+
+    def build_dataset(self, files):
+        from megarl.data import SFTDataset, SFTDatasetConfig
+
+        s = self.cfg.sft
+        return SFTDataset(SFTDatasetConfig(files=list(files), messages_key=s.messages_key, max_length=s.max_length,
+                                           filter_overlong=s.filter_overlong, truncation=s.truncation), self.tokenizer)
+
+    def make_batch(self, samples):
+        from megarl.models.batch import SequenceBatch
+
+        return SequenceBatch.from_sequences([s.input_ids for s in samples], loss_mask=[s.loss_mask for s in samples])
+
+    def summarize_validation(self, result: dict) -> dict:
+        return {"val/loss": result["nll_sum"] / max(result["tokens"], 1.0), "val/tokens": result["tokens"]}
