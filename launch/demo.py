@@ -2,6 +2,7 @@
 a vLLM CPU engine in a Ray actor and Ray, on a synthetic arithmetic task made here.
 
     python launch/demo.py [--steps N] [--output runs/tiny_moe_grpo_cpu] [any launch/train.py override]
+    python launch/demo.py --config configs/tiny_moe_ppo_cpu.yaml     # the same task with PPO + a critic
 
 Writes the model and data under the run folder (once), trains, and prints the mean reward of the
 first and last 20% of steps. TensorBoard: `tensorboard --logdir runs/tiny_moe_grpo_cpu/tensorboard`.
@@ -50,17 +51,19 @@ def reward_summary(metrics_path: str, fraction: float = 0.2) -> tuple[float, flo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=os.path.join(REPO, "runs", "tiny_moe_grpo_cpu"))
+    parser.add_argument("--config", default=CONFIG, help="an RL recipe for the tiny MoE (GRPO by default)")
+    parser.add_argument("--output", default=None, help="run folder; default runs/<recipe name>")
     parser.add_argument("--steps", type=int, default=None, help="override trainer.total_steps")
     parser.add_argument("--init-std", type=float, default=0.02,
                         help="std of the random initial weights (a smooth start the policy can learn from)")
     args, overrides = parser.parse_known_args(argv)
-    run_dir = os.path.abspath(args.output)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    run_dir = os.path.abspath(args.output or os.path.join(REPO, "runs", name))
     model_dir, train, val = prepare(run_dir, args.init_std)
     from launch.train import main as train_main
 
     train_args = [
-        "--config", CONFIG, f"--model.path={model_dir}", f"--data.train_files=[{train}]", f"--data.val_files=[{val}]",
+        "--config", args.config, f"--model.path={model_dir}", f"--data.train_files=[{train}]", f"--data.val_files=[{val}]",
         f"--trainer.output_dir={run_dir}", *([f"--trainer.total_steps={args.steps}"] if args.steps else []), *overrides,
     ]
     status = train_main(train_args)

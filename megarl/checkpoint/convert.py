@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megarl.checkpoint.convert_names import SourceSlice, check_config_matches, plan_slices
+from megarl.checkpoint.convert_names import (
+    VALUE_HEAD_SLICES, SourceSlice, check_config_matches, is_value_checkpoint, plan_slices,
+)
 from megarl.checkpoint.convert_reader import DCP_METADATA_FILE, MEGATRON_METADATA_FILE, DistCheckpointReader
 from megarl.checkpoint.convert_safetensors import (
     DTYPE_CONFIG_NAMES, DTYPES, ShardedSafetensorsWriter, hf_weight_files, is_weight_file, parse_size,
 )
 from megarl.checkpoint.store import (
-    COMPLETE_MARKER, MEGATRON_SUBDIR, TRAINER_STATE_FILE, CheckpointError, CheckpointStore, read_trainer_state,
+    COMPLETE_MARKER, CRITIC_SUBDIR, MEGATRON_SUBDIR, TRAINER_STATE_FILE, CheckpointError, CheckpointStore, read_trainer_state,
 )
 
 # Copied next to the weights (config.json is rewritten for the output dtype).
@@ -56,6 +58,7 @@ class McoreToHfOptions:
     overwrite: bool = False
     verify: bool = False
     progress: bool = True
+    model: str = "actor"  # actor | critic (PPO runs save both; the critic converts to *ForTokenClassification)
 
 
 @dataclass
@@ -77,9 +80,12 @@ class ConversionResult:
 
 
 # --------------------------------------------------------------------------------- input checks
-def resolve_checkpoint(path: str) -> tuple[str | None, str]:
+def resolve_checkpoint(path: str, model: str = "actor") -> tuple[str | None, str]:
     """(step folder or None, megatron dist-checkpoint folder) for a store root (newest complete
-    step), a step folder, or a bare megatron folder. CheckpointError for anything else."""
+    step), a step folder, or a bare megatron folder. CheckpointError for anything else. `model`
+    picks the actor's or (PPO) the critic's state inside a step folder."""
+    if model not in ("actor", "critic"):
+        raise ConversionError(f"unknown model {model!r}; choose actor or critic")
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ConversionError(f"checkpoint {path} does not exist")
@@ -96,6 +102,10 @@ def resolve_checkpoint(path: str) -> tuple[str | None, str]:
         path = latest
     if not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
         raise ConversionError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): the save was interrupted")
+    if model == "critic":
+        if not os.path.isdir(os.path.join(path, CRITIC_SUBDIR)):
+            raise ConversionError(f"checkpoint {path} has no critic ({CRITIC_SUBDIR}/): only PPO runs save one")
+        return path, os.path.join(path, CRITIC_SUBDIR)
     return path, os.path.join(path, MEGATRON_SUBDIR)
 
 
@@ -167,12 +177,13 @@ class _Source:
     slices: list[SourceSlice]
     bridge: object
     hf_config_dir: str
+    value_head: bool = False
 
 
-def open_checkpoint(checkpoint: str, hf_config_dir: str | None = None) -> _Source:
+def open_checkpoint(checkpoint: str, hf_config_dir: str | None = None, model: str = "actor") -> _Source:
     from megarl.models.bridge import load_hf_config_for_bridge
 
-    step_dir, megatron_dir = resolve_checkpoint(checkpoint)
+    step_dir, megatron_dir = resolve_checkpoint(checkpoint, model)
     reader = DistCheckpointReader(megatron_dir)
     config_dir = _hf_config_dir(step_dir, hf_config_dir)
     hf_config = load_hf_config_for_bridge(config_dir)
@@ -180,7 +191,8 @@ def open_checkpoint(checkpoint: str, hf_config_dir: str | None = None) -> _Sourc
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     embed = reader.tensors.get("embedding.word_embeddings.weight")
     bridge = mapping_bridge(hf_config, embed.shape[0] if embed is not None else None)
-    return _Source(reader, plan_slices(reader.tensors, tied), bridge, config_dir)
+    value_head = is_value_checkpoint(reader.tensors)
+    return _Source(reader, plan_slices(reader.tensors, tied and not value_head), bridge, config_dir, value_head)
 
 
 def iter_hf_tensors(source: _Source, progress: bool = False):
@@ -191,7 +203,10 @@ def iter_hf_tensors(source: _Source, progress: bool = False):
     with tqdm(total=total, unit="B", unit_scale=True, desc="mcore-to-hf", disable=not progress) as bar:
         for s in source.slices:
             tensor = source.reader.read(s.key, s.index)
-            names, parts = source.bridge._weight_to_hf_format(s.bridge_name, tensor)
+            if s.bridge_name in VALUE_HEAD_SLICES.values():
+                names, parts = [s.bridge_name], [tensor]
+            else:
+                names, parts = source.bridge._weight_to_hf_format(s.bridge_name, tensor)
             for name, part in zip(names, parts):
                 yield name, part
             bar.update(tensor.numel() * tensor.element_size())
@@ -201,9 +216,14 @@ def _slice_count(source: _Source, s: SourceSlice) -> int:
     return math.prod(source.reader.tensors[s.key].shape[: len(s.index)])
 
 
-def _write_config(config_dir: str, out_dir: str, dtype: torch.dtype | None, saved_dtype: torch.dtype) -> None:
+def _write_config(config_dir: str, out_dir: str, dtype: torch.dtype | None, saved_dtype: torch.dtype,
+                  value_head: bool = False) -> None:
     with open(os.path.join(config_dir, "config.json")) as f:
         config = json.load(f)
+    if value_head:  # loads back as *ForTokenClassification with one label (megarl.models.value_head)
+        arch = (config.get("architectures") or ["ForCausalLM"])[0]
+        config.update(architectures=[arch.replace("ForCausalLM", "ForTokenClassification")], tie_word_embeddings=False,
+                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     name = DTYPE_CONFIG_NAMES[dtype or saved_dtype]
     config["dtype"] = name  # transformers 5
     if "torch_dtype" in config:
@@ -231,7 +251,7 @@ def mcore_to_hf(checkpoint: str, out_dir: str, options: McoreToHfOptions | None 
     dtype = _dtype(options.dtype)
     max_shard_bytes = parse_size(options.max_shard_size)
     out_dir = os.path.abspath(out_dir)
-    source = open_checkpoint(checkpoint, options.hf_config_dir)  # every input check before any write
+    source = open_checkpoint(checkpoint, options.hf_config_dir, options.model)  # every input check before any write
     _prepare_out_dir(out_dir, options.overwrite)
     start = time.perf_counter()
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
@@ -242,21 +262,23 @@ def mcore_to_hf(checkpoint: str, out_dir: str, options: McoreToHfOptions | None 
         writer.add(name, _owning_tensor(tensor, dtype or tensor.dtype))
         count += 1
     files = writer.close()
-    _write_config(source.hf_config_dir, out_dir, dtype, saved_dtypes.pop() if len(saved_dtypes) == 1 else torch.float32)
+    _write_config(source.hf_config_dir, out_dir, dtype, saved_dtypes.pop() if len(saved_dtypes) == 1 else torch.float32,
+                  source.value_head)
     result = ConversionResult(out_dir, files, count, writer.total_bytes, time.perf_counter() - start)
     if options.verify:
-        result.verify_max_abs_diff = verify_hf_against_checkpoint(out_dir, checkpoint, options.hf_config_dir, options.dtype)
+        result.verify_max_abs_diff = verify_hf_against_checkpoint(out_dir, checkpoint, options.hf_config_dir, options.dtype,
+                                                                  options.model)
     return result
 
 
 def verify_hf_against_checkpoint(hf_dir: str, checkpoint: str, hf_config_dir: str | None = None,
-                                 dtype: str | None = None) -> float:
+                                 dtype: str | None = None, model: str = "actor") -> float:
     """Re-read every tensor of `hf_dir` and compare it with the checkpoint's. The file must hold
     exactly the checkpoint tensor cast to `dtype` (bit-exact) and no other names. Returns the max
     |file - checkpoint| in the checkpoint's own precision (0.0 without a dtype cast)."""
     from safetensors import safe_open
 
-    source = open_checkpoint(checkpoint, hf_config_dir)
+    source = open_checkpoint(checkpoint, hf_config_dir, model)
     files = hf_weight_files(hf_dir)
     handles: dict[str, object] = {}
     seen, worst = set(), 0.0

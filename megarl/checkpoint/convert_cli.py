@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 100MB (default 5GB)")
     to_hf.add_argument("--verify", action="store_true", help="re-read the output and compare every tensor")
     to_hf.add_argument("--overwrite", action="store_true", help="write into an existing folder (old weight files replaced)")
+    to_hf.add_argument("--model", choices=["actor", "critic"], default="actor",
+                       help="which model of a PPO checkpoint (the critic becomes *ForTokenClassification, num_labels=1)")
     to_hf.add_argument("--no-progress", action="store_true")
 
     to_mcore = sub.add_parser("hf-to-mcore", help="HF folder -> model-only megarl checkpoint (loads at any layout)")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mcore-to-hf":
             result = mcore_to_hf(args.checkpoint, args.out_dir, McoreToHfOptions(
                 max_shard_size=args.max_shard_size, dtype=args.dtype, hf_config_dir=args.hf_config,
-                overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress,
+                overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress, model=args.model,
             ))
             rate = result.bytes / 1e9 / result.seconds if result.seconds else float("inf")
             print(f"wrote {result.tensors} tensors, {result.bytes / 1e9:.3f} GB in {len(result.files)} file(s) "

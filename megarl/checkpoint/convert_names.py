@@ -13,6 +13,7 @@ also writes (its `sharded_state_dict_keys_map`), with two exceptions handled her
     decoder.layers.mlp.experts.experts.linear_fc1.weight [L, E, 2I, H]
                                                                     decoder.layers.{l}.mlp.experts.linear_fc1.weight{e}
     embedding.word_embeddings.weight, decoder.final_layernorm.weight, output_layer.weight: unchanged
+    output_layer.weight [1, H] + output_layer.bias [1] (a critic's value head): HF score.weight / score.bias
 
 The mbridge name then goes through mbridge's own `_weight_to_hf_format` (QKV split, gate/up split,
 vocab un-padding): the same mapping `megarl.models.export` uses for a live model.
@@ -30,7 +31,10 @@ LAYER_PREFIX = "decoder.layers."
 _EXPERT_KEY = re.compile(r"^decoder\.layers\.mlp\.experts\.experts\.(?P<linear>linear_fc[12])\.(?P<kind>weight|bias)$")
 _DENSE_PRE_MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
 _ROUTER_KEY = "decoder.layers.mlp.router.weight"
-_TOP_LEVEL_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight")
+_TOP_LEVEL_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight",
+                   "output_layer.bias")
+# mbridge has no mapping for a value head; these slices carry their HF name as is.
+VALUE_HEAD_SLICES = {"output_layer.weight": "score.weight", "output_layer.bias": "score.bias"}
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,19 @@ def plan_slices(tensors: dict[str, TensorInfo], tied_embeddings: bool) -> list[S
                 slices.append(SourceSlice(key, (layer,), _layer_bridge_name(key, layer, None, moe)))
     if "decoder.final_layernorm.weight" in tensors:
         slices.append(SourceSlice("decoder.final_layernorm.weight", (), "decoder.final_layernorm.weight"))
-    if "output_layer.weight" in tensors and not tied_embeddings:
+    if is_value_checkpoint(tensors):
+        slices.extend(SourceSlice(key, (), hf_name) for key, hf_name in VALUE_HEAD_SLICES.items())
+    elif "output_layer.bias" in tensors:
+        raise CheckpointError("checkpoint has output_layer.bias but output_layer.weight is not a [1, hidden] value head")
+    elif "output_layer.weight" in tensors and not tied_embeddings:
         slices.append(SourceSlice("output_layer.weight", (), "output_layer.weight"))
     return slices
+
+
+def is_value_checkpoint(tensors: dict[str, TensorInfo]) -> bool:
+    """A critic: its output layer is a value head (one output with a bias), not vocabulary logits."""
+    head = tensors.get("output_layer.weight")
+    return head is not None and head.shape[0] == 1 and "output_layer.bias" in tensors
 
 
 def check_config_matches(tensors: dict[str, TensorInfo], hf_config, config_source: str) -> None:

@@ -28,6 +28,7 @@ COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
 MEGATRON_SUBDIR = "megatron"
+CRITIC_SUBDIR = "critic"  # PPO: the critic's Megatron state beside the actor's
 
 
 class CheckpointError(ValueError):

@@ -357,6 +357,8 @@ def _distopt_step_per_param() -> Undo:
     (a) `sharded_state_dict(is_loading=True)` calls `state_dict()`, which asserts on the lazily
         created 'step' of a fresh optimizer ("AssertionError" in `state_dict`): materialise the
         state first with megatron's own `_init_optimizer_states_with_dummy_values`;
+    (a') saving before the first step hits the same assertion: the state a fresh Adam starts from
+        (step 0, zero moments) is written into the optimizer first;
     (b) `load_state_dict` puts ONE shared 'step' tensor on every parameter (or none), so foreach
         Adam bumps it once per parameter per step: steps go 2 -> 11 -> 20 and the bias correction
         after a resume is silently wrong. Rebuild one step tensor per parameter from the saved
@@ -368,8 +370,20 @@ def _distopt_step_per_param() -> Undo:
     original_load_state_dict = DistributedOptimizer.load_state_dict
 
     def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
-        if is_loading and not any("step" in s for s in self.optimizer.state.values()):
+        never_stepped = not any("step" in s for s in self.optimizer.state.values())
+        if is_loading and never_stepped:
             self._init_optimizer_states_with_dummy_values()
+        elif never_stepped and isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW):
+            # Saving before the first step (a PPO actor during critic warmup): write the state a
+            # fresh Adam starts from (step 0, zero moments). megatron's dummy initialisation would
+            # take a real step (weight decay moves the parameters, the step count becomes 1).
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    self.optimizer.state[param] = {
+                        "step": torch.zeros((), dtype=torch.float32),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
         if model_sharded_state_dict is None:
             model_sharded_state_dict = {}
         return original_sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)

@@ -1,7 +1,11 @@
-"""The RL loop (GRPO by default; the PPO family through config), one step at a time:
+"""The RL loop (GRPO by default; PPO with a critic by `algorithm.name: ppo`), one step at a time:
 
-    prompts → rollout (n per prompt) → rewards → old / reference log-probs → advantages
-            → ppo_epochs × mini-batch updates → weight push → metrics → checkpoint → validation
+    prompts → rollout (n per prompt) → rewards → old / reference log-probs (→ critic values)
+            → advantages (→ critic updates) → ppo_epochs × mini-batch actor updates → weight push
+            → metrics → checkpoint → validation
+
+With a critic the actor is not updated during the first `trainer.critic_warmup` steps (the values
+learn first); the weights pushed to the rollout engines then do not change either.
 
 The driver (this process) holds data, rewards and the loop; the Megatron ranks are Ray actors
 (`MegatronTrainWorker`, driven in lock step) and the rollout engines are vLLM Ray actors.
@@ -15,13 +19,13 @@ import time
 
 import torch
 
-from megarl.checkpoint.store import CheckpointStore, read_trainer_state, resolve_resume
+from megarl.checkpoint.store import CRITIC_SUBDIR, CheckpointStore, read_trainer_state, resolve_resume
 from megarl.config.resolve import train_gpus
 from megarl.config.schema import MegaRLConfig
 from megarl.trainer import components
 from megarl.trainer.metrics import MetricsLogger, PhaseTimer, summarize
 from megarl.trainer.rollout_batch import build_rollout_batch, mini_batch_indices
-from megarl.trainer.train_worker import MegatronTrainWorker, needs_reference
+from megarl.trainer.train_worker import MegatronTrainWorker, needs_reference, uses_critic
 
 
 class RLTrainer:
@@ -33,6 +37,9 @@ class RLTrainer:
         self.out_dir = os.path.abspath(cfg.trainer.output_dir)
         self.store = CheckpointStore(os.path.join(self.out_dir, "checkpoints"), keep_last=cfg.trainer.keep_last_k)
         resume_from = resolve_resume(cfg.trainer.resume, self.store)  # a bad path fails before any actor starts
+        self.use_critic = uses_critic(cfg)
+        if self.use_critic and resume_from:
+            _check_critic_state(resume_from)
 
         self.tokenizer = components.load_tokenizer(cfg)
         train_set = components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files)
@@ -54,10 +61,11 @@ class RLTrainer:
         cpu = not torch.cuda.is_available()
         self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1)
         total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
+        critic_updates = self.total_steps * cfg.critic.ppo_epochs * (cfg.data.train_batch_size // cfg.critic.ppo_mini_batch_size)
         # Training ranks: Ray actors placed by this driver, or (under torchrun) torchrun's own processes.
         group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
         self.workers = group_cls(
-            MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates),
+            MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates, critic_updates),
             num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1,
         )
         transport = cfg.rollout.weight_sync.transport
@@ -104,12 +112,21 @@ class RLTrainer:
         if needs_reference(cfg):
             with timer.phase("ref_logprob"):
                 batch = batch.with_fields(ref_logprobs=self.workers.call_rank0("compute_logprobs", batch, "ref"))
+        critic_mini_batches = mini_batch_indices(len(rollout), cfg.critic.ppo_mini_batch_size * cfg.rollout.n)
+        if self.use_critic:
+            with timer.phase("values"):
+                batch = batch.with_fields(values=self.workers.call_rank0("compute_values", batch, critic_mini_batches))
         with timer.phase("advantage"):
             batch, adv_metrics = self._advantages(batch, rollout.uids)
-        with timer.phase("update"):
-            updates = self.workers.call_rank0("update", batch, mini_batches)
-        with timer.phase("weight_push"):
-            push = self.workers.call_rank0("push_weights")
+        updates, push = [], {}
+        if self.use_critic:
+            with timer.phase("update_critic"):
+                updates += self.workers.call_rank0("update_critic", batch, critic_mini_batches)
+        if self.step >= cfg.trainer.critic_warmup:  # (0 without a critic)
+            with timer.phase("update"):
+                updates += self.workers.call_rank0("update", batch, mini_batches)
+            with timer.phase("weight_push"):
+                push = self.workers.call_rank0("push_weights")
 
         metrics = {**reward_metrics, **adv_metrics, **push, **_mean_of(updates)}
         metrics.update(self._rollout_metrics(rollout, batch))
@@ -186,12 +203,17 @@ class RLTrainer:
         if self.kl_controller is not None:
             token_rewards, metrics = apply_kl_penalty(token_rewards, batch.fields["old_logprobs"],
                                                       batch.fields["ref_logprobs"], mask, self.kl_controller)
+        values = batch.fields.get("values")
         advantages, returns = compute_advantages(
-            a.adv_estimator, token_rewards, mask, uids=uids,
+            a.adv_estimator, token_rewards, mask, uids=uids, values=values,
             options=AdvantageOptions(gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std))
         valid = mask.bool()
         metrics.update(summarize("critic/advantages", advantages[valid].tolist()))
         metrics.update(summarize("critic/rewards", token_rewards.sum(-1).tolist()))
+        if values is not None:
+            metrics.update(summarize("critic/values", values[valid].tolist()))
+            metrics.update(summarize("critic/returns", returns[valid].tolist()))
+            metrics["critic/vf_explained_var"] = explained_variance(values[valid], returns[valid])
         return batch.with_fields(advantages=advantages, returns=returns), metrics
 
     def _rollout_metrics(self, rollout, batch) -> dict:
@@ -256,6 +278,28 @@ class RLTrainer:
         self.rewards.close()
         self.workers.shutdown()
         self.rollout.shutdown()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the response tokens: 1 = the critic predicts
+    the returns exactly, 0 = no better than their mean, < 0 = worse than that."""
+    returns, values = returns.double(), values.double()
+    variance = returns.var(unbiased=False)
+    if variance <= 0:
+        return float("nan")
+    return float(1.0 - (returns - values).var(unbiased=False) / variance)
+
+
+def _check_critic_state(path: str) -> None:
+    """PPO resumes the critic too: a training checkpoint without critic state cannot continue it
+    (a model-only checkpoint starts a fresh critic from critic.path)."""
+    from megarl.checkpoint.store import CheckpointError
+
+    state = read_trainer_state(path)
+    if not state.get("model_only") and not os.path.isdir(os.path.join(path, CRITIC_SUBDIR)):
+        raise CheckpointError(f"checkpoint {path} has no critic state ({CRITIC_SUBDIR}/): it was written by a run "
+                              "without a critic, so PPO cannot resume from it; start from a model-only checkpoint "
+                              "(megarl-convert hf-to-mcore) or set trainer.resume=disable")
 
 
 def _mean_of(per_update: list[dict]) -> dict:

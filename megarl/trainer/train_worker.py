@@ -1,5 +1,6 @@
-"""One Megatron training rank: the actor (and frozen reference) models, their log-probs, updates,
-weight pushes and checkpoints. The trainer drives a group of these (one per rank) in lock step.
+"""One Megatron training rank: the actor, the frozen reference and (PPO) the critic, their
+log-probs / values, updates, weight pushes and checkpoints. The trainer drives a group of these
+(one per rank) in lock step.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from megarl.checkpoint.store import CRITIC_SUBDIR
 from megarl.config.schema import MegaRLConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,10 +26,11 @@ def parallel_layout(cfg: MegaRLConfig):
     )
 
 
-def optimizer_options(cfg: MegaRLConfig, total_optimizer_steps: int):
+def optimizer_options(cfg: MegaRLConfig, total_optimizer_steps: int, o=None):
+    """megatron optimizer options from `o` (an OptimizerConfig; default the actor's `cfg.optimizer`)."""
     from megarl.models.optimizer import OptimizerOptions
 
-    o = cfg.optimizer
+    o = o or cfg.optimizer
     decay_steps = o.lr_decay_steps or max(total_optimizer_steps, o.lr_warmup_steps + 1)
     return OptimizerOptions(
         lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
@@ -40,14 +43,16 @@ def optimizer_options(cfg: MegaRLConfig, total_optimizer_steps: int):
     )
 
 
-def micro_batch_options(cfg: MegaRLConfig, for_log_prob: bool = False):
+def micro_batch_options(cfg: MegaRLConfig, for_log_prob: bool = False, critic: bool = False):
+    """The actor's micro-batching (the critic's with `critic`: its own micro_batch_size, the actor's
+    token budgets)."""
     from megarl.models.engine import MicroBatchOptions
 
     a = cfg.actor
     if a.use_dynamic_bsz:
         budget = a.log_prob_max_token_len_per_gpu if for_log_prob else a.max_token_len_per_gpu
         return MicroBatchOptions(max_tokens_per_gpu=budget)
-    return MicroBatchOptions(micro_batch_size=a.micro_batch_size)
+    return MicroBatchOptions(micro_batch_size=cfg.critic.micro_batch_size if critic else a.micro_batch_size)
 
 
 def policy_loss_options(cfg: MegaRLConfig):
@@ -69,10 +74,14 @@ def needs_reference(cfg: MegaRLConfig) -> bool:
     return cfg.algorithm.use_kl_loss or cfg.algorithm.use_kl_in_reward
 
 
+def uses_critic(cfg: MegaRLConfig) -> bool:
+    return cfg.algorithm.name == "ppo"
+
+
 class MegatronTrainWorker:
     """Built on every rank of the training world (torchrun env vars already set)."""
 
-    def __init__(self, cfg: MegaRLConfig, total_optimizer_steps: int):
+    def __init__(self, cfg: MegaRLConfig, total_optimizer_steps: int, critic_optimizer_steps: int | None = None):
         from megarl.distributed.init import init_distributed
         from megarl.models.builder import build_megatron_model
         from megarl.models.engine import EngineOptions, MegatronEngine
@@ -91,6 +100,14 @@ class MegatronTrainWorker:
             ref = build_megatron_model(cfg.model.ref_path or cfg.model.path, layout, trainable=False, dtype=dtype,
                                        config_overrides=overrides)
             self.ref = MegatronEngine(ref, EngineOptions(micro_batches=micro_batch_options(cfg, True), optimizer=None))
+        self.critic = None
+        if uses_critic(cfg):
+            critic = build_megatron_model(cfg.critic.path, layout, trainable=True, dtype=dtype,
+                                          config_overrides=overrides, value_head=True)
+            steps = critic_optimizer_steps or total_optimizer_steps
+            self.critic = MegatronEngine(critic, EngineOptions(
+                micro_batches=micro_batch_options(cfg, critic=True),
+                optimizer=optimizer_options(cfg, steps, cfg.critic.optimizer)))
         self.loss_options = policy_loss_options(cfg)
         self.pusher = None
 
@@ -114,6 +131,39 @@ class MegatronTrainWorker:
                 lp, _ = engine.forward_logprobs(sub, temperature=temperature, micro_batches=micro_batch_options(self.cfg))
                 out[indices, : lp.size(1)] = lp
         return out if self.rank == 0 else None
+
+    def compute_values(self, batch, mini_batches=None):
+        """The critic's token-aligned values `[B, S]` (rank 0 returns them); with `mini_batches`, per
+        mini-batch with the critic's training micro-batch plan (the first value update then starts
+        from exactly these values, so its value clipping is inactive on-policy)."""
+        if mini_batches is None:
+            out = self.critic.forward_values(batch, micro_batches=micro_batch_options(self.cfg, True, critic=True))
+        else:
+            out = torch.zeros_like(batch.input_ids, dtype=torch.float32)
+            for indices in mini_batches:
+                values = self.critic.forward_values(batch.select(indices))
+                out[indices, : values.size(1)] = values
+        return out if self.rank == 0 else None
+
+    def update_critic(self, batch, mini_batches: list[list[int]]) -> list[dict]:
+        """`critic.ppo_epochs` passes of clipped value-loss steps over the mini-batches (fields
+        `values` = old values, `returns`, `loss_mask`); metrics per step."""
+        from megarl.algorithms import compute_loss_normalisers, value_loss_fn
+
+        c = self.cfg.critic
+        results = []
+        for _epoch in range(c.ppo_epochs):
+            for indices in mini_batches:
+                sub = batch.select(indices)
+                normalisers = compute_loss_normalisers(sub.fields["loss_mask"],
+                                                       max_response_length=self.cfg.rollout.max_new_tokens)
+                loss_fn = value_loss_fn(normalisers, cliprange_value=c.cliprange_value, loss_agg_mode=c.loss_agg_mode,
+                                        fields=("values", "returns", "loss_mask"))
+                step = self.critic.train_step(sub, loss_fn)
+                metrics = {f"critic/{k}": v for k, v in step.metrics.items()}
+                metrics.update({"critic/grad_norm": step.grad_norm, "critic/lr": step.lr})
+                results.append(metrics)
+        return results if self.rank == 0 else None
 
     # ------------------------------------------------------------------ update
     def update(self, batch, mini_batches: list[list[int]]) -> list[dict]:
@@ -171,6 +221,12 @@ class MegatronTrainWorker:
         from megarl.checkpoint.store import MEGATRON_SUBDIR
 
         save_megatron_state(self.actor, os.path.join(checkpoint_root, MEGATRON_SUBDIR))
+        if self.critic is not None:
+            critic_dir = os.path.join(checkpoint_root, CRITIC_SUBDIR)
+            if self.rank == 0:
+                os.makedirs(critic_dir, exist_ok=True)
+            dist.barrier()
+            save_megatron_state(self.critic, critic_dir)
         save_rng_state(checkpoint_root, self.rank)
         dist.barrier()
 
@@ -179,6 +235,14 @@ class MegatronTrainWorker:
         from megarl.checkpoint.store import MEGATRON_SUBDIR
 
         load_megatron_state(self.actor, os.path.join(checkpoint_root, MEGATRON_SUBDIR), load_optimizer=load_optimizer)
+        critic_dir = os.path.join(checkpoint_root, CRITIC_SUBDIR)
+        if self.critic is not None and os.path.isdir(critic_dir):
+            load_megatron_state(self.critic, critic_dir, load_optimizer=load_optimizer)
+        elif self.critic is not None and load_optimizer:
+            from megarl.checkpoint.store import CheckpointError
+
+            raise CheckpointError(f"checkpoint {checkpoint_root} has no critic state ({CRITIC_SUBDIR}/) to resume PPO "
+                                  "from; it was written by a run without a critic")
         if load_optimizer:
             load_rng_state(checkpoint_root, self.rank)
         dist.barrier()
