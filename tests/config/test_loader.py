@@ -163,3 +163,38 @@ def test_offload_switches_the_trainer_does_not_act_on_yet_are_reported():
                                       ("actor.param_offload", "true"), ("actor.grad_offload", "true")],
                                check_paths=False)
     assert any(w.startswith("actor.param_offload, actor.grad_offload: accepted but not acted on yet") for w in warnings)
+
+
+def test_ppo_selects_a_critic_and_gae():
+    cfg = _load({"algorithm.name": "ppo", "actor.ppo_mini_batch_size": 32, "actor.micro_batch_size": 4})
+    assert cfg.algorithm.adv_estimator == "gae"
+    assert cfg.critic.path == "/models/m"  # the actor's weights + a fresh value head
+    assert (cfg.critic.ppo_mini_batch_size, cfg.critic.micro_batch_size, cfg.critic.ppo_epochs) == (32, 4, 1)
+    assert cfg.critic.optimizer.lr == 1e-5 and cfg.optimizer.lr == 1e-6  # its own optimizer
+    assert _load({}).algorithm.adv_estimator == "grpo"
+
+
+def test_critic_relations_are_checked():
+    (msg,) = _problems({"algorithm.adv_estimator": "gae"})
+    assert msg == "algorithm.adv_estimator: gae needs values from a critic; set algorithm.name=ppo (got name='grpo')"
+    (msg,) = _problems({"algorithm.name": "ppo", "algorithm.adv_estimator": "grpo"})
+    assert msg.startswith("algorithm.adv_estimator: algorithm.name=ppo trains a critic for GAE; 'grpo' would not use")
+    (msg,) = _problems({"trainer.critic_warmup": 3})
+    assert msg == "trainer.critic_warmup: only meaningful with algorithm.name=ppo"
+    problems = _problems({"algorithm.name": "ppo", "critic.ppo_mini_batch_size": 48, "critic.cliprange_value": 0.0,
+                          "critic.optimizer.adam_beta1": 1.0})
+    assert problems == [
+        "critic.optimizer.adam_beta1: must be in [0, 1), got 1.0",
+        "critic.cliprange_value: must be > 0 (or null for no clipping), got 0.0",
+        "critic.ppo_mini_batch_size: 48 does not divide data.train_batch_size 256 (both count prompts)",
+    ]
+    (msg,) = _problems({"algorithm.name": "ppo", "critic.loss_agg_mode": "token-sum"})
+    assert msg.startswith("critic.loss_agg_mode: 'token-sum' is not registered")
+
+
+def test_missing_critic_folder_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"model.path": str(tmp_path), "data.train_files": [str(tmp_path / "config.json")],
+                           "algorithm.name": "ppo", "critic.path": str(tmp_path / "nope")})
+    assert info.value.errors == [f"critic.path: {str(tmp_path / 'nope')!r} has no config.json (expected a HuggingFace model folder)"]
