@@ -13,8 +13,6 @@ from megarl.data.records import write_records
 from megarl.data.synthetic import ANSWER_FORMAT, sft_arith_records
 from megarl.trainer.metrics import read_tensorboard_scalars
 
-pytestmark = pytest.mark.usefixtures("ray_session")
-
 CONVERSATION = [
     {"role": "system", "content": "Answer in tags."},
     {"role": "user", "content": "What is 3 + 4?"},
@@ -79,7 +77,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tmp_path, tiny_moe_dir):
                         "<|im_start|>assistant\n<|im_start|>user\nAnd 12 + 30?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_sft_learns_the_answer_format(tmp_path, tiny_moe_dir):
+def test_sft_learns_the_answer_format(tmp_path, tiny_moe_dir, ray_session):
     """40 steps on "What is a + b?" -> "<answer>N</answer>": the validation NLL falls, and the
     exported HF model's greedy replies to held-out prompts follow the format."""
     import torch
@@ -119,7 +117,7 @@ def test_sft_learns_the_answer_format(tmp_path, tiny_moe_dir):
     assert matching >= 0.8 * len(replies)
 
 
-def test_max_trained_count_and_exact_resume(tmp_path, tiny_moe_dir):
+def test_max_trained_count_and_exact_resume(tmp_path, tiny_moe_dir, ray_session):
     """10 conversations, 4 per step, each trained at most twice: the run stops after 5 steps with
     every sample trained exactly twice. A second run resumed from the first one's step-3
     checkpoint trains the same samples in steps 4-5 with the same losses."""
