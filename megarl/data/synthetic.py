@@ -79,13 +79,14 @@ def preference_arith_records(num_samples: int, seed: int = 0, ops: tuple[str, ..
     if rejected not in REJECTED_STYLES:
         raise ValueError(f"rejected must be one of {', '.join(REJECTED_STYLES)}, got {rejected!r}")
     rng = random.Random(seed)
+    wrong_rng = random.Random(f"wrong answers {seed}")  # its own stream: both styles ask the same questions
     records = []
     for _ in range(num_samples):
         question, answer = _question(rng, ops, max_operand)
         if rejected == "plain":
             worse = str(answer)
         else:
-            wrong = answer + rng.choice([d for d in range(-3, 4) if d and answer + d >= 0])
+            wrong = answer + wrong_rng.choice([d for d in range(-3, 4) if d and answer + d >= 0])
             worse = f"<answer>{wrong}</answer>"
         records.append({"prompt": [{"role": "user", "content": question}], "chosen": f"<answer>{answer}</answer>",
                         "rejected": worse})

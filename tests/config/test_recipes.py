@@ -48,3 +48,17 @@ def test_big_recipes_plan_cleanly_on_their_cluster(recipe, hf, tmp_path):
     assert plan.errors == []
     assert plan.memory.worst_stage.train_peak_bytes < cfg.trainer.gpu_memory_gib * 1024**3
     assert plan.memory.rollout.kv_tokens > plan.memory.rollout.max_sequence_len
+
+
+@pytest.mark.parametrize("recipe,kind", [("tiny_moe_sft_cpu.yaml", "sft"), ("tiny_moe_dpo_cpu.yaml", "dpo")])
+def test_supervised_cpu_recipes(recipe, kind):
+    """The SFT / DPO demos: their trainer type, the EP2 demo layout on 2 processes, packed micro-batches
+    whose token budget holds the longest sequence, and data made by tools/prepare_data.py."""
+    cfg = load_config(os.path.join(ROOT, "configs", recipe), check_paths=False)
+    assert cfg.trainer.type == kind and cfg.model.dtype == "fp32"
+    assert (cfg.parallel.ep, cfg.trainer.nnodes, cfg.trainer.gpus_per_node) == (2, 1, 2)
+    longest = cfg.sft.max_length if kind == "sft" else cfg.dpo.max_length
+    assert cfg.actor.use_dynamic_bsz and cfg.actor.max_token_len_per_gpu >= longest
+    assert cfg.model.ref_path == cfg.model.path  # DPO's frozen reference: the initial policy
+    with open(os.path.join(ROOT, "configs", recipe)) as f:
+        assert f"--synthetic-{kind}" in f.read()
