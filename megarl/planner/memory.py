@@ -77,14 +77,27 @@ class StagePlan:
     optimizer_host_bytes: int
     activation_bytes: int
     in_flight_microbatches: int
+    reference_bytes: int = 0
+    """The frozen reference's weights (when a KL term needs them)."""
+    critic_bytes: int = 0
+    """PPO: the critic's weights + gradients + GPU optimizer states (its LM head replaced by a value
+    head, so the actor's state less the output layer)."""
 
     @property
     def params(self) -> int:
         return self.dense_params + self.expert_params
 
     @property
+    def other_models_bytes(self) -> int:
+        return self.reference_bytes + self.critic_bytes
+
+    @property
+    def actor_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_gpu_bytes
+
+    @property
     def train_peak_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_gpu_bytes + self.activation_bytes
+        return self.actor_bytes + self.other_models_bytes + self.activation_bytes
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,8 @@ def estimate_memory(cfg, m: ModelStats, par: ParallelSizes,
         else:
             opt_bytes = assume.optimizer_bytes * (dense + experts)
         host_opt = offload * opt_bytes * (1 + assume.cpu_optimizer_grad_bytes / assume.optimizer_bytes)
+        reference, critic = _other_models_bytes(cfg, dense, experts, vocab_local * m.hidden_size if s == par.pp - 1
+                                                else 0, weight_bytes, par, assume)
         act = activation_bytes(m, par, layers, par.pp - s, tokens, weight_bytes, cfg.parallel.recompute)
         if s == par.pp - 1:
             act += int(tokens / par.cp * vocab_local * assume.logits_bytes * assume.logits_copies)
@@ -215,6 +230,7 @@ def estimate_memory(cfg, m: ModelStats, par: ParallelSizes,
             param_bytes=(dense + experts) * weight_bytes, grad_bytes=(dense + experts) * assume.grad_bytes,
             optimizer_gpu_bytes=int((1 - offload) * opt_bytes), optimizer_host_bytes=int(host_opt),
             activation_bytes=act, in_flight_microbatches=par.pp - s,
+            reference_bytes=reference, critic_bytes=critic,
         ))
 
     gpu_bytes = int(cfg.trainer.gpu_memory_gib * GIB)
@@ -227,6 +243,22 @@ def estimate_memory(cfg, m: ModelStats, par: ParallelSizes,
         tokens_per_microbatch=tokens,
         assumptions=assume,
     )
+
+
+def _other_models_bytes(cfg, dense: int, experts: int, output_layer: int, weight_bytes: int, par: ParallelSizes,
+                        assume: MemoryAssumptions) -> tuple[int, int]:
+    """(reference weights when a KL term needs them, the PPO critic's training state), per GPU."""
+    reference = critic = 0
+    if cfg.algorithm.use_kl_loss or cfg.algorithm.use_kl_in_reward:
+        reference = (dense + experts) * weight_bytes
+    if cfg.algorithm.name == "ppo":
+        c = cfg.critic.optimizer
+        critic_dense = dense - output_layer
+        opt = assume.optimizer_bytes * (critic_dense / par.dp + experts / par.expert_dp if c.use_distributed_optimizer
+                                        else critic_dense + experts)
+        offload = c.optimizer_offload_fraction if c.optimizer_cpu_offload else 0.0
+        critic = (critic_dense + experts) * (weight_bytes + assume.grad_bytes) + int((1 - offload) * opt)
+    return int(reference), int(critic)
 
 
 def _rollout_plan(cfg, m: ModelStats, worst: StagePlan, gpu_bytes: int, weight_bytes: int,
@@ -243,6 +275,8 @@ def _rollout_plan(cfg, m: ModelStats, worst: StagePlan, gpu_bytes: int, weight_b
         resident += 0 if actor.param_offload else worst.param_bytes
         resident += 0 if actor.grad_offload else worst.grad_bytes
         resident += 0 if actor.optimizer_offload else worst.optimizer_gpu_bytes
+        resident += 0 if actor.param_offload else worst.reference_bytes  # offloaded with the actor's params
+        resident += worst.critic_bytes  # the plan has no critic offload switches
     return RolloutPlan(
         tensor_parallel_size=rtp, weight_bytes_per_gpu=weights, kv_bytes_per_token=kv_per_token,
         kv_budget_bytes=budget, kv_tokens=max(budget, 0) // kv_per_token,
@@ -254,7 +288,7 @@ def _host_bytes(cfg, worst: StagePlan) -> int:
     """Host memory one node needs for offloaded state (a node holds one pipeline stage's ranks)."""
     actor = cfg.actor
     per_gpu = worst.optimizer_host_bytes
-    per_gpu += worst.param_bytes if actor.param_offload else 0
+    per_gpu += worst.param_bytes + worst.reference_bytes if actor.param_offload else 0
     per_gpu += worst.grad_bytes if actor.grad_offload else 0
     per_gpu += worst.optimizer_gpu_bytes if actor.optimizer_offload else 0
     return per_gpu * cfg.trainer.gpus_per_node

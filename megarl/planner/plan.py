@@ -145,11 +145,11 @@ def format_plan(plan: RunPlan, cfg) -> str:
                      f"{' (dynamic token budget)' if cfg.actor.use_dynamic_bsz else ''}; recompute: "
                      f"{cfg.parallel.recompute.granularity or 'none'}")
         lines.append("per-GPU training memory (GiB) by pipeline stage:")
-        lines.append("  stage layers  params(B)   weights     grads  optim-GPU  optim-host  activations   peak")
+        lines.append("  stage layers  params(B)   weights     grads  optim-GPU  optim-host  ref+critic  activations   peak")
         for s in mem.stages:
             lines.append(f"  {s.stage:5d} {s.layers:6d} {s.params / 1e9:10.3f} {_gib(s.param_bytes)} {_gib(s.grad_bytes)}"
-                         f"   {_gib(s.optimizer_gpu_bytes)}    {_gib(s.optimizer_host_bytes)}     "
-                         f"{_gib(s.activation_bytes)} {_gib(s.train_peak_bytes)}")
+                         f"   {_gib(s.optimizer_gpu_bytes)}    {_gib(s.optimizer_host_bytes)}    {_gib(s.other_models_bytes)}"
+                         f"     {_gib(s.activation_bytes)} {_gib(s.train_peak_bytes)}")
         r = mem.rollout
         lines.append(f"rollout (TP {r.tensor_parallel_size}, {cfg.rollout.num_engines} engines): weights "
                      f"{r.weight_bytes_per_gpu / GIB:.2f} GiB/GPU, KV budget {r.kv_budget_bytes / GIB:.2f} GiB/GPU = "

@@ -50,9 +50,11 @@ def test_235b_recipe_stage_memory_by_hand():
     assert r.kv_bytes_per_token == 2 * 94 * 1 * 128 * 2
     assert r.kv_budget_bytes == int(0.85 * 80 * GIB - r.weight_bytes_per_gpu - 3 * GIB)
     assert r.resident_train_bytes == 0  # params, grads, optimizer all offloaded during rollout
-    # a node holds 8 GPUs of one stage: host copies of params (2 B) + grads (4 B) + the whole optimizer state
+    # a node holds 8 GPUs of one stage: host copies of params (2 B) + grads (4 B) + the whole optimizer state,
+    # and the reference's weights (KL loss), offloaded with the actor's
+    assert stage0.reference_bytes == stage0.param_bytes
     assert mem.host_bytes_per_node == 8 * (stage0.param_bytes + stage0.grad_bytes + stage0.optimizer_gpu_bytes
-                                           + stage0.optimizer_host_bytes)
+                                           + stage0.optimizer_host_bytes + stage0.reference_bytes)
     text = format_plan(plan, cfg)
     assert "parameters: 235.09B total, 22.19B active per token" in text
     assert "experts per EP rank: 16; attention heads per TP rank: 16; KV heads per TP rank: 1" in text
@@ -113,13 +115,26 @@ def test_without_offload_training_fits_but_not_next_to_vllm():
     assert stage0.optimizer_gpu_bytes == int(12 * (stage0.dense_params / 4 + stage0.expert_params / 2))
     assert stage0.optimizer_host_bytes == 0 and plan.memory.host_bytes_per_node == 0
     assert stage0.train_peak_bytes < 80 * GIB  # ~46 GiB: training alone fits ...
-    resident = stage0.param_bytes + stage0.grad_bytes + stage0.optimizer_gpu_bytes
+    # the recipe's KL loss keeps the reference's weights resident too
+    assert stage0.reference_bytes == stage0.param_bytes and stage0.critic_bytes == 0
+    resident = stage0.param_bytes + stage0.grad_bytes + stage0.optimizer_gpu_bytes + stage0.other_models_bytes
     assert plan.memory.rollout.resident_train_bytes == resident  # ... but stays put while vLLM runs
     assert resident > 0.15 * 80 * GIB
     assert [w for w in plan.warnings if w.startswith("memory:")] == [
         f"memory: {resident / GIB:.1f} GiB of training state stays on each GPU during rollout but only 12.0 GiB is "
         "outside vLLM's share: enable actor.param_offload/grad_offload/optimizer_offload or lower "
         "rollout.gpu_memory_utilization"]
+
+
+def test_ppo_counts_the_critic_beside_actor_and_reference():
+    _, grpo = _plan_235b({})
+    _, ppo = _plan_235b({"algorithm.name": "ppo", "algorithm.adv_estimator": "gae", "critic.optimizer.optimizer_cpu_offload": True,
+                         "critic.optimizer.optimizer_offload_fraction": 0.5})
+    for before, after in zip(grpo.memory.stages, ppo.memory.stages):
+        critic = after.other_models_bytes - before.other_models_bytes
+        # same architecture and offload fraction: the actor's state, less the output layer on the last stage
+        assert critic <= before.actor_bytes and critic >= 0.99 * before.actor_bytes - (after.stage == 7) * 2**31
+        assert after.train_peak_bytes == before.train_peak_bytes + critic
 
 
 def test_disaggregated_placement_trains_on_the_rest():
