@@ -234,11 +234,26 @@ def _sft_dpo(cfg, errors, warnings):
         errors.append(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
     if cfg.trainer.type != "rl" and cfg.algorithm.name == "ppo":
         errors.append(f"algorithm.name: ppo is an RL algorithm; trainer.type={cfg.trainer.type} does not use it")
-    if cfg.actor.use_dynamic_bsz and cfg.trainer.type in ("sft", "dpo"):
-        longest = s.max_length if cfg.trainer.type == "sft" else d.max_length
+    kind = cfg.trainer.type
+    if kind == "rl":
+        return
+    if cfg.actor.use_dynamic_bsz:
+        # DPO: a pair's two sequences (each up to dpo.max_length) share one micro-batch
+        longest, what = (s.max_length, "sequence") if kind == "sft" else (2 * d.max_length, "preference pair")
         if cfg.actor.max_token_len_per_gpu < longest:
             errors.append(f"actor.max_token_len_per_gpu: {cfg.actor.max_token_len_per_gpu} tokens cannot hold one "
-                          f"sequence of up to {longest} tokens ({cfg.trainer.type}.max_length); raise it")
+                          f"{what} of up to {longest} tokens ({kind}.max_length); raise it")
+    p = cfg.parallel
+    dp = cfg.world_size // max(p.tp * p.pp * p.cp, 1)
+    if cfg.data.train_batch_size < dp:
+        unit = "conversations" if kind == "sft" else "pairs"
+        errors.append(f"data.train_batch_size: {cfg.data.train_batch_size} {unit} cannot feed {dp} data-parallel "
+                      "ranks; raise it to at least the data-parallel size")
+    t = cfg.trainer
+    if kind == "sft" and s.max_trained_count and not t.total_steps and t.total_epochs < s.max_trained_count:
+        warnings.append(f"sft.max_trained_count: {s.max_trained_count} is never reached in trainer.total_epochs="
+                        f"{t.total_epochs} epochs; set trainer.total_steps (the run then ends when every sample "
+                        "reached the cap) or more epochs")
 
 
 def _actor(cfg, errors, warnings):

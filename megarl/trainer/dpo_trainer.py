@@ -23,15 +23,20 @@ class DPOTrainer(SupervisedTrainer):
         return DPODataset(DPODatasetConfig(files=list(files), max_length=self.cfg.dpo.max_length), self.tokenizer)
 
     def make_batch(self, samples):
-        """`[2 * pairs, S]`: rows 2i (prompt + chosen) and 2i+1 (prompt + rejected), loss on responses."""
-        from megarl.models.batch import SequenceBatch
-
-        sequences, masks = [], []
-        for s in samples:
-            for response in (s.chosen_ids, s.rejected_ids):
-                sequences.append(s.prompt_ids + response)
-                masks.append([0] * len(s.prompt_ids) + [1] * len(response))
-        return SequenceBatch.from_sequences(sequences, loss_mask=masks)
+        return preference_batch(samples)
 
     def summarize_validation(self, result: dict) -> dict:
         return {f"val/{k}": v for k, v in result.items()}
+
+
+def preference_batch(samples):
+    """`PreferenceSample`s -> a `SequenceBatch` `[2 * pairs, S]`: rows 2i (prompt + chosen) and 2i+1
+    (prompt + rejected), loss_mask 1 on the response tokens."""
+    from megarl.models.batch import SequenceBatch
+
+    sequences, masks = [], []
+    for s in samples:
+        for response in (s.chosen_ids, s.rejected_ids):
+            sequences.append(s.prompt_ids + response)
+            masks.append([0] * len(s.prompt_ids) + [1] * len(response))
+    return SequenceBatch.from_sequences(sequences, loss_mask=masks)

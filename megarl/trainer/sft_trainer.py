@@ -29,9 +29,14 @@ class SFTTrainer(SupervisedTrainer):
                                            filter_overlong=s.filter_overlong, truncation=s.truncation), self.tokenizer)
 
     def make_batch(self, samples):
-        from megarl.models.batch import SequenceBatch
-
-        return SequenceBatch.from_sequences([s.input_ids for s in samples], loss_mask=[s.loss_mask for s in samples])
+        return sft_batch(samples)
 
     def summarize_validation(self, result: dict) -> dict:
         return {"val/loss": result["nll_sum"] / max(result["tokens"], 1.0), "val/tokens": result["tokens"]}
+
+
+def sft_batch(samples):
+    """`SFTSample`s -> a `SequenceBatch` `[conversations, S]` with their assistant-token loss_mask."""
+    from megarl.models.batch import SequenceBatch
+
+    return SequenceBatch.from_sequences([s.input_ids for s in samples], loss_mask=[s.loss_mask for s in samples])

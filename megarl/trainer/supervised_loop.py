@@ -17,7 +17,6 @@ import time
 import torch
 
 from megarl.checkpoint.store import CheckpointStore, read_trainer_state, resolve_resume
-from megarl.config.resolve import train_gpus
 from megarl.config.schema import MegaRLConfig
 from megarl.trainer import components
 from megarl.trainer.metrics import MetricsLogger, PhaseTimer
@@ -27,7 +26,7 @@ from megarl.trainer.supervised_worker import SupervisedWorker
 
 def data_parallel_size(cfg: MegaRLConfig) -> int:
     p = cfg.parallel
-    return train_gpus(cfg) // (p.tp * p.pp * p.cp)
+    return cfg.world_size // (p.tp * p.pp * p.cp)
 
 
 class SupervisedTrainer:
@@ -54,10 +53,8 @@ class SupervisedTrainer:
             len(self.train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
             num_epochs=None if t.total_steps else t.total_epochs, max_count=self.max_trained_count,
             min_batch_size=data_parallel_size(cfg))
-        bounds = [b for b in (t.total_steps, self.stream.max_batches) if b]
-        self.total_steps = min(bounds) if bounds else None  # None: until the stream ends
-        if self.total_steps is None:
-            raise ValueError("set trainer.total_steps or sft.max_trained_count: the data stream is endless")
+        # An upper bound (a capped stream may end sooner); it also spans the LR schedule.
+        self.total_steps = min(b for b in (t.total_steps, self.stream.max_batches) if b)
 
         if not launched_by_torchrun():
             from megarl.utils.ray_runtime import init_ray
@@ -65,12 +62,13 @@ class SupervisedTrainer:
             init_ray()
         cpu = not torch.cuda.is_available()
         group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
-        self.workers = group_cls(SupervisedWorker, train_gpus(cfg), args=(cfg, self.total_steps),
+        self.workers = group_cls(SupervisedWorker, cfg.world_size,  # no rollout: every GPU trains
+                                 args=(cfg, self.total_steps),
                                  num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1)
         self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(t.logger),
                                     jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
         self.step = 0
-        self.trained_batches: list[list[int]] = []  # dataset indices of each step this process trained
+        self.trained_batches: list[list[int]] | None = None  # set to [] to record each step's dataset indices
         if resume_from:
             self._load(resume_from)
 
@@ -96,7 +94,8 @@ class SupervisedTrainer:
                 batch = self.make_batch([self.train_set[i] for i in indices])
             with timer.phase("update"):
                 metrics = self.workers.call_rank0(self.worker_step, batch)
-            self.trained_batches.append(indices)
+            if self.trained_batches is not None:
+                self.trained_batches.append(indices)
             self.step += 1
             last = self.step >= self.total_steps or self._stream_ended()
             if self._due(self.cfg.trainer.save_freq) or (last and self.cfg.trainer.save_freq != 0):

@@ -65,7 +65,8 @@ class SupervisedWorker:
 
         mask = batch.fields["loss_mask"]
         # Every rank holds the whole global batch: its mask gives the global normalisers directly.
-        normalisers = compute_loss_normalisers(mask, max_response_length=batch.input_ids.size(1))
+        # (seq-mean-token-sum-norm divides by the configured length, never by this batch's padding.)
+        normalisers = compute_loss_normalisers(mask, max_response_length=self.cfg.sft.max_length)
         step = self.actor.train_step(batch, sft_loss_fn(normalisers, loss_agg_mode=self.cfg.sft.loss_agg_mode))
         return self._rank0({
             "train/loss": step.loss, "train/nll_token_mean": step.metrics["nll_token_mean"],

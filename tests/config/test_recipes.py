@@ -62,3 +62,21 @@ def test_supervised_cpu_recipes(recipe, kind):
     assert cfg.model.ref_path == cfg.model.path  # DPO's frozen reference: the initial policy
     with open(os.path.join(ROOT, "configs", recipe)) as f:
         assert f"--synthetic-{kind}" in f.read()
+
+
+def test_supervised_config_checks():
+    """SFT / DPO relations checked at load time, each naming the field to change."""
+    from megarl.config import ConfigError
+
+    dpo = os.path.join(ROOT, "configs", "tiny_moe_dpo_cpu.yaml")
+    with pytest.raises(ConfigError, match=r"actor.max_token_len_per_gpu: 100 tokens cannot hold one preference pair "
+                                          r"of up to 128 tokens"):
+        load_config(dpo, {"actor.max_token_len_per_gpu": 100}, check_paths=False)
+    with pytest.raises(ConfigError, match=r"data.train_batch_size: 1 pairs cannot feed 2 data-parallel ranks"):
+        load_config(dpo, {"data.train_batch_size": 1}, check_paths=False)
+    from megarl.config.cli import build_config
+
+    sft = os.path.join(ROOT, "configs", "tiny_moe_sft_cpu.yaml")
+    _, warnings = build_config(sft, [("sft.max_trained_count", "2"), ("trainer.total_steps", "null")],
+                               check_paths=False)
+    assert any(w.startswith("sft.max_trained_count: 2 is never reached") for w in warnings)

@@ -44,10 +44,11 @@ def pairs(tmp_path_factory):
     return train, val
 
 
-def test_dpo_sigmoid_starts_at_log2_and_learns_the_preference_at_ep2(tmp_path, tiny_moe_dir, pairs):
+def test_dpo_sigmoid_starts_at_log2_learns_the_preference_and_resumes_at_ep2(tmp_path, tiny_moe_dir, pairs):
     out = str(tmp_path / "run")
-    history = _run(tiny_moe_dir, out, *pairs, **{"trainer.total_steps": 8, "trainer.test_freq": 4,
-                                                 "trainer.gpus_per_node": 2, "parallel.ep": 2})
+    ep2 = {"trainer.total_steps": 8, "trainer.test_freq": 4, "trainer.save_freq": 4, "trainer.gpus_per_node": 2,
+           "parallel.ep": 2}
+    history = _run(tiny_moe_dir, out, *pairs, **ep2)
     first = history[0]
     print(f"step-1 loss {first['train/loss']!r} (log 2 = {math.log(2)!r}); accuracies "
           f"{[round(h['train/rewards/accuracies'], 3) for h in history]}; val accuracies "
@@ -64,6 +65,15 @@ def test_dpo_sigmoid_starts_at_log2_and_learns_the_preference_at_ep2(tmp_path, t
     for key in ("train/loss", "train/dpo_loss", "train/rewards/accuracies", "train/rewards/margins",
                 "train/rewards/chosen", "train/rewards/rejected", "train/grad_norm", "train/lr", "val/loss"):
         assert key in scalars, key
+
+    # a second run resumed from the step-4 checkpoint repeats steps 5-8 exactly (reference unchanged)
+    step4 = os.path.join(out, "checkpoints", "step_00000004")
+    resumed = _run(tiny_moe_dir, str(tmp_path / "resumed"), *pairs, **ep2, **{"trainer.resume": step4})
+    assert len(resumed) == 4
+    for step, (a, b) in enumerate(zip(history[4:], resumed), start=5):
+        print(f"step {step}: loss straight {a['train/loss']:.10f} resumed {b['train/loss']:.10f}")
+        for key in ("train/loss", "train/grad_norm", "train/rewards/margins"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (step, key)
 
 
 def test_dpo_ipo_starts_at_its_closed_form(tmp_path, tiny_moe_dir, pairs):

@@ -40,6 +40,7 @@ def _run(cfg, export_to=None):
     from megarl.trainer.sft_trainer import SFTTrainer
 
     trainer = SFTTrainer(cfg)
+    trainer.trained_batches = []  # record which samples each step trains
     try:
         history = trainer.fit()
         if export_to:
@@ -55,13 +56,13 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tmp_path, tiny_moe_dir):
     from transformers import AutoTokenizer
 
     from megarl.data import SFTDataset, SFTDatasetConfig
-    from megarl.trainer.sft_trainer import SFTTrainer
+    from megarl.trainer.sft_trainer import sft_batch
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_moe_dir)
     path = str(tmp_path / "conv.jsonl")
     write_records([{"messages": CONVERSATION}], path)
     sample = SFTDataset(SFTDatasetConfig(files=[path]), tokenizer)[0]
-    batch = SFTTrainer.make_batch(None, [sample])
+    batch = sft_batch([sample])
     mask = batch.fields["loss_mask"][0].bool()
     masked = batch.input_ids[0][mask].tolist()
 
