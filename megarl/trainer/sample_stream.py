@@ -35,6 +35,7 @@ class SampleStream:
         self.epoch = 0
         self.position = 0
         self.counts = [0] * num_samples  # times each sample was handed out for training
+        self.num_below_cap = num_samples
         self._cached: tuple[int, np.ndarray] | None = None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -62,10 +63,8 @@ class SampleStream:
 
     def next_batch(self) -> list[int] | None:
         """The next batch of indices (their counts are incremented), or None when the stream ended."""
-        if self.max_count is not None:
-            left = [i for i in range(self.num_samples) if self._eligible(i)]
-            if len(left) < self.batch_size:
-                return self._last_batch(left)
+        if self.max_count is not None and self.num_below_cap < self.batch_size:
+            return self._last_batch([i for i in range(self.num_samples) if self._eligible(i)])
         batch: list[int] = []
         while len(batch) < self.batch_size:
             if self.position >= self.num_samples:
@@ -78,16 +77,20 @@ class SampleStream:
             self.position += 1
             if self._eligible(index) and index not in batch:
                 batch.append(index)
-        for index in batch:
-            self.counts[index] += 1
+        self._count(batch)
         return batch
 
     def _last_batch(self, left: list[int]) -> list[int] | None:
         if len(left) < self.min_batch_size or self._epochs_done():
             return None  # nothing left (or too few samples to give every data-parallel rank one)
-        for index in left:
-            self.counts[index] += 1
+        self._count(left)
         return left
+
+    def _count(self, batch: list[int]) -> None:
+        for index in batch:
+            self.counts[index] += 1
+            if self.counts[index] == self.max_count:
+                self.num_below_cap -= 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "counts": list(self.counts), "seed": self.seed,
@@ -100,3 +103,4 @@ class SampleStream:
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume the data stream: saved {key}={state[key]!r}, now {getattr(self, key)!r}")
         self.epoch, self.position, self.counts = int(state["epoch"]), int(state["position"]), list(state["counts"])
+        self.num_below_cap = sum(self._eligible(i) for i in range(self.num_samples))

@@ -44,6 +44,7 @@ def pairs(tmp_path_factory):
     return train, val
 
 
+@pytest.mark.slow  # two 2-rank runs: ~30 s alone, ~90 s on busy cores
 def test_dpo_sigmoid_starts_at_log2_learns_the_preference_and_resumes_at_ep2(tmp_path, tiny_moe_dir, pairs):
     out = str(tmp_path / "run")
     ep2 = {"trainer.total_steps": 8, "trainer.test_freq": 4, "trainer.save_freq": 4, "trainer.gpus_per_node": 2,
