@@ -3,6 +3,9 @@
     next batch of samples → sequences (+ loss mask) → worker step on every rank → metrics
         → checkpoint (every save_freq and at the end) → validation (every test_freq and at the end)
 
+The run ends after trainer.total_steps (or total_epochs passes), or earlier when every sample
+reached sft.max_trained_count.
+
 The driver (this process) holds the data and the loop; the Megatron ranks (`SupervisedWorker`) are
 Ray actors, or torchrun's processes following rank 0. A subclass says how samples become a batch,
 which worker step trains on it and how validation is summarised.
@@ -101,7 +104,8 @@ class SupervisedTrainer:
             if self._due(self.cfg.trainer.save_freq) or (last and self.cfg.trainer.save_freq != 0):
                 with timer.phase("save"):
                     self.save()
-            if self.val_set is not None and (self._due(self.cfg.trainer.test_freq) or last):
+            test_freq = self.cfg.trainer.test_freq
+            if self.val_set is not None and test_freq > 0 and (self._due(test_freq) or last):
                 with timer.phase("validate"):
                     metrics.update(self.validate())
             metrics.update(timer.metrics())
