@@ -36,6 +36,24 @@ def _config(model_dir, out_dir, train, val=None, **overrides):
     }, check_paths=False)
 
 
+def _hf_assistant_nll(model_dir, samples) -> float:
+    """Token-mean -log p over the samples' loss_mask tokens, by transformers (nats)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            ids = torch.tensor([sample.input_ids])
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+            token_logprobs = logprobs.gather(-1, ids[0, 1:, None])[:, 0]
+            mask = torch.tensor(sample.loss_mask[1:], dtype=torch.float64)
+            total -= float((token_logprobs * mask).sum())
+            count += int(mask.sum())
+    return total / count
+
+
 def _run(cfg, export_to=None):
     from megarl.trainer.sft_trainer import SFTTrainer
 
@@ -92,8 +110,17 @@ def test_sft_learns_the_answer_format(tmp_path, tiny_moe_dir, ray_session):
     write_records(train_rows, train)
     write_records(held_out, val)
     out, hf_dir = str(tmp_path / "run"), str(tmp_path / "hf")
-    _, history = _run(_config(tiny_moe_dir, out, train, val, **{
+    trainer, history = _run(_config(tiny_moe_dir, out, train, val, **{
         "trainer.total_steps": 40, "trainer.test_freq": 5, "trainer.save_freq": 0}), export_to=hf_dir)
+
+    # step 1 ran the initial weights: its loss is the token-mean NLL of the batch's assistant tokens,
+    # recomputed here with the HF model on the same conversations
+    first_batch = [trainer.train_set[i] for i in trainer.trained_batches[0]]
+    expected = _hf_assistant_nll(tiny_moe_dir, first_batch)
+    print(f"step-1 loss {history[0]['train/loss']:.7f}, HF token-mean NLL {expected:.7f}; "
+          f"{history[0]['train/micro_batches']:.0f} packed micro-batches")
+    assert history[0]["train/loss"] == pytest.approx(expected, rel=1e-5)
+    assert history[0]["train/micro_batches"] > 1  # the 256-token budget packs 16 conversations into several
 
     val_losses = [h["val/loss"] for h in history if "val/loss" in h]
     print(f"val/loss first {val_losses[0]:.4f} last {val_losses[-1]:.4f}; train/loss first "
