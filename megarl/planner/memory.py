@@ -263,7 +263,7 @@ def _other_models_bytes(cfg, dense: int, experts: int, output_layer: int, weight
 
 def _rollout_plan(cfg, m: ModelStats, worst: StagePlan, gpu_bytes: int, weight_bytes: int,
                   assume: MemoryAssumptions) -> RolloutPlan:
-    r, actor, opt = cfg.rollout, cfg.actor, cfg.optimizer
+    r, actor = cfg.rollout, cfg.actor
     rtp = r.tensor_parallel_size
     weights = m.total_params * weight_bytes // rtp  # vLLM shards attention heads and experts over TP
     # KV heads are split over TP; with TP > kv heads each GPU keeps one (replicated) KV head.

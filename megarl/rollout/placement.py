@@ -22,7 +22,6 @@ the engine inside the actor process.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from megarl.utils.ray_runtime import RAY_NAMESPACE, init_ray  # noqa: F401  (init_ray is re-exported)
@@ -69,7 +68,6 @@ def create_engine_slots(placement: RolloutPlacement, shared_group=None, timeout_
 
     Disaggregated: a new PACK group per engine. Colocated: slices of `shared_group` (the group the
     trainer's workers also use; created here with one bundle per GPU if None)."""
-    import ray
     from ray.util.placement_group import placement_group
 
     use_gpu = ray_has_gpus() if placement.use_gpu is None else placement.use_gpu

@@ -16,8 +16,13 @@ import torch
 import torch.distributed as dist
 
 from megarl.config.schema import MegaRLConfig
-from megarl.trainer.model_worker import build_engine, load_engine_checkpoint, save_engine_checkpoint
-from megarl.trainer.train_worker import micro_batch_options, parallel_layout
+from megarl.trainer.model_worker import (
+    build_engine,
+    load_engine_checkpoint,
+    micro_batch_options,
+    parallel_layout,
+    save_engine_checkpoint,
+)
 
 
 def dpo_loss_fn(options, num_pairs: int):

@@ -12,47 +12,15 @@ import torch.distributed as dist
 
 from megarl.checkpoint.store import CRITIC_SUBDIR
 from megarl.config.schema import MegaRLConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parallel_layout(cfg: MegaRLConfig):
-    from megarl.distributed import ParallelLayout
-
-    p = cfg.parallel
-    return ParallelLayout(
-        tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, cp=p.cp, sequence_parallel=p.sequence_parallel,
-        num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
-    )
-
-
-def optimizer_options(cfg: MegaRLConfig, total_optimizer_steps: int, o=None):
-    """megatron optimizer options from `o` (an OptimizerConfig; default the actor's `cfg.optimizer`)."""
-    from megarl.models.optimizer import OptimizerOptions
-
-    o = o or cfg.optimizer
-    decay_steps = o.lr_decay_steps or max(total_optimizer_steps, o.lr_warmup_steps + 1)
-    return OptimizerOptions(
-        lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps, clip_grad=o.clip_grad, lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style,
-        use_distributed_optimizer=o.use_distributed_optimizer, bf16=cfg.model.dtype == "bf16",
-        optimizer_cpu_offload=o.optimizer_cpu_offload, optimizer_offload_fraction=o.optimizer_offload_fraction,
-        overlap_cpu_optimizer_d2h_h2d=o.overlap_cpu_optimizer_d2h_h2d,
-        use_precision_aware_optimizer=o.use_precision_aware_optimizer,
-    )
-
-
-def micro_batch_options(cfg: MegaRLConfig, for_log_prob: bool = False, critic: bool = False):
-    """The actor's micro-batching (the critic's with `critic`: its own micro_batch_size, the actor's
-    token budgets)."""
-    from megarl.models.engine import MicroBatchOptions
-
-    a = cfg.actor
-    if a.use_dynamic_bsz:
-        budget = a.log_prob_max_token_len_per_gpu if for_log_prob else a.max_token_len_per_gpu
-        return MicroBatchOptions(max_tokens_per_gpu=budget)
-    return MicroBatchOptions(micro_batch_size=cfg.critic.micro_batch_size if critic else a.micro_batch_size)
+from megarl.trainer.model_worker import (
+    build_engine,
+    load_engine_checkpoint,
+    load_engine_state,
+    micro_batch_options,
+    parallel_layout,
+    save_engine_checkpoint,
+    save_engine_state,
+)
 
 
 def policy_loss_options(cfg: MegaRLConfig):
@@ -83,31 +51,21 @@ class MegatronTrainWorker:
 
     def __init__(self, cfg: MegaRLConfig, total_optimizer_steps: int, critic_optimizer_steps: int | None = None):
         from megarl.distributed.init import init_distributed
-        from megarl.models.builder import build_megatron_model
-        from megarl.models.engine import EngineOptions, MegatronEngine
 
         self.cfg = cfg
-        layout = parallel_layout(cfg)
-        init_distributed(layout, seed=cfg.trainer.seed)
+        init_distributed(parallel_layout(cfg), seed=cfg.trainer.seed)
         self.rank = dist.get_rank()
-        dtype = DTYPES[cfg.model.dtype]
-        overrides = {"moe_router_dtype": cfg.actor.router_dtype} if cfg.actor.router_dtype else {}
-        actor = build_megatron_model(cfg.model.path, layout, trainable=True, dtype=dtype, config_overrides=overrides)
-        self.actor = MegatronEngine(actor, EngineOptions(
-            micro_batches=micro_batch_options(cfg), optimizer=optimizer_options(cfg, total_optimizer_steps)))
+        self.actor = build_engine(cfg, cfg.model.path, micro_batches=micro_batch_options(cfg),
+                                  total_optimizer_steps=total_optimizer_steps)
         self.ref = None
         if needs_reference(cfg):
-            ref = build_megatron_model(cfg.model.ref_path or cfg.model.path, layout, trainable=False, dtype=dtype,
-                                       config_overrides=overrides)
-            self.ref = MegatronEngine(ref, EngineOptions(micro_batches=micro_batch_options(cfg, True), optimizer=None))
+            self.ref = build_engine(cfg, cfg.model.ref_path or cfg.model.path,
+                                    micro_batches=micro_batch_options(cfg, for_log_prob=True))
         self.critic = None
         if uses_critic(cfg):
-            critic = build_megatron_model(cfg.critic.path, layout, trainable=True, dtype=dtype,
-                                          config_overrides=overrides, value_head=True)
-            steps = critic_optimizer_steps or total_optimizer_steps
-            self.critic = MegatronEngine(critic, EngineOptions(
-                micro_batches=micro_batch_options(cfg, critic=True),
-                optimizer=optimizer_options(cfg, steps, cfg.critic.optimizer)))
+            self.critic = build_engine(cfg, cfg.critic.path, micro_batches=micro_batch_options(cfg, critic=True),
+                                       total_optimizer_steps=critic_optimizer_steps or total_optimizer_steps,
+                                       optimizer=cfg.critic.optimizer, value_head=True)
         self.loss_options = policy_loss_options(cfg)
         self.pusher = None
 
@@ -217,32 +175,19 @@ class MegatronTrainWorker:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint_root: str) -> None:
-        from megarl.checkpoint.megatron_state import save_megatron_state, save_rng_state
-        from megarl.checkpoint.store import MEGATRON_SUBDIR
-
-        save_megatron_state(self.actor, os.path.join(checkpoint_root, MEGATRON_SUBDIR))
         if self.critic is not None:
-            critic_dir = os.path.join(checkpoint_root, CRITIC_SUBDIR)
-            if self.rank == 0:
-                os.makedirs(critic_dir, exist_ok=True)
-            dist.barrier()
-            save_megatron_state(self.critic, critic_dir)
-        save_rng_state(checkpoint_root, self.rank)
-        dist.barrier()
+            save_engine_state(self.critic, os.path.join(checkpoint_root, CRITIC_SUBDIR))
+        save_engine_checkpoint(self.actor, checkpoint_root)
 
     def load_checkpoint(self, checkpoint_root: str, load_optimizer: bool = True) -> None:
-        from megarl.checkpoint.megatron_state import load_megatron_state, load_rng_state
-        from megarl.checkpoint.store import MEGATRON_SUBDIR
-
-        load_megatron_state(self.actor, os.path.join(checkpoint_root, MEGATRON_SUBDIR), load_optimizer=load_optimizer)
+        """`load_optimizer=False`: a model-only checkpoint (weights; a PPO critic then starts from
+        critic.path unless the checkpoint holds one)."""
         critic_dir = os.path.join(checkpoint_root, CRITIC_SUBDIR)
         if self.critic is not None and os.path.isdir(critic_dir):
-            load_megatron_state(self.critic, critic_dir, load_optimizer=load_optimizer)
+            load_engine_state(self.critic, critic_dir, load_optimizer=load_optimizer)
         elif self.critic is not None and load_optimizer:
             from megarl.checkpoint.store import CheckpointError
 
             raise CheckpointError(f"checkpoint {checkpoint_root} has no critic state ({CRITIC_SUBDIR}/) to resume PPO "
                                   "from; it was written by a run without a critic")
-        if load_optimizer:
-            load_rng_state(checkpoint_root, self.rank)
-        dist.barrier()
+        load_engine_checkpoint(self.actor, checkpoint_root, load_optimizer=load_optimizer)

@@ -4,7 +4,7 @@ import pytest
 
 from megarl.data import ARITH_DATA_SOURCE, PromptDataLoader, RLDataset, RLDatasetConfig, arith_records
 from megarl.data.records import write_records
-from megarl.rewards import RewardConfig, RewardManager, RewardRequest, RewardTermConfig
+from megarl.rewards import RewardConfig, RewardManager, RewardRequest
 
 
 def test_rows_are_correct_and_deterministic():
