@@ -195,7 +195,8 @@ def estimate_memory(cfg, m: ModelStats, par: ParallelSizes,
     """Per-GPU memory plan of the resolved config `cfg` (a MegaRLConfig) for model `m`."""
     weight_bytes = DTYPE_BYTES[cfg.model.dtype]
     opt, actor, rollout = cfg.optimizer, cfg.actor, cfg.rollout
-    seq_len = cfg.data.max_prompt_length + rollout.max_new_tokens
+    seq_len = {"rl": cfg.data.max_prompt_length + rollout.max_new_tokens, "sft": cfg.sft.max_length,
+               "dpo": 2 * cfg.dpo.max_length}[cfg.trainer.type]  # (a DPO micro-batch item is a pair)
     tokens = actor.max_token_len_per_gpu if actor.use_dynamic_bsz else actor.micro_batch_size * seq_len
     vocab_local = padded_vocab(m.vocab_size, par.tp, assume.vocab_pad_multiple) // par.tp
     offload = opt.optimizer_offload_fraction if opt.optimizer_cpu_offload else 0.0

@@ -46,14 +46,17 @@ def plan_run(cfg, hf_config: dict | None = None) -> RunPlan:
         validate_layout(parallel_layout(cfg), world_train, ModelShape.from_hf_config(hf_config))
     except LayoutError as exc:
         plan.errors.append(f"parallel: {exc} (training world: {world_train} GPUs)")
-    _check_rollout(cfg, stats, plan)
+    rl = cfg.trainer.type == "rl"  # SFT / DPO have no rollout engines
+    if rl:
+        _check_rollout(cfg, stats, plan)
     if plan.errors:
         return plan
     p = cfg.parallel
     plan.parallel = ParallelSizes(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, vpp=p.vpp,
                                   sequence_parallel=p.sequence_parallel, train_gpus=world_train,
                                   num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage)
-    _check_batch(cfg, plan)
+    if rl:
+        _check_batch(cfg, plan)
     plan.memory = estimate_memory(cfg, stats, plan.parallel)
     _check_memory(cfg, plan)
     return plan
@@ -93,7 +96,16 @@ def _check_memory(cfg, plan: RunPlan) -> None:
             f"memory: pipeline stage {worst.stage} needs ~{worst.train_peak_bytes / GIB:.1f} GiB per GPU to train "
             f"(> {cfg.trainer.gpu_memory_gib:g} GiB): raise optimizer_offload_fraction, recompute, pp/ep, or "
             "lower the token budget")
-    r = mem.rollout
+    if cfg.trainer.type == "rl":
+        _check_rollout_memory(cfg, plan)
+    host = cfg.trainer.host_memory_gib
+    if host is not None and mem.host_bytes_per_node > host * GIB:
+        plan.warnings.append(f"memory: offloaded state needs ~{mem.host_bytes_per_node / GIB:.0f} GiB of host memory "
+                             f"per node (> trainer.host_memory_gib={host:g})")
+
+
+def _check_rollout_memory(cfg, plan: RunPlan) -> None:
+    r, gpu = plan.memory.rollout, plan.memory.gpu_memory_bytes
     if r.kv_budget_bytes <= 0:
         plan.warnings.append(
             f"memory: the rollout engine's weights ({r.weight_bytes_per_gpu / GIB:.1f} GiB per GPU) leave no KV "
@@ -109,10 +121,6 @@ def _check_memory(cfg, plan: RunPlan) -> None:
                 f"memory: {r.resident_train_bytes / GIB:.1f} GiB of training state stays on each GPU during rollout "
                 f"but only {free / GIB:.1f} GiB is outside vLLM's share: enable actor.param_offload/grad_offload/"
                 "optimizer_offload or lower rollout.gpu_memory_utilization")
-    host = cfg.trainer.host_memory_gib
-    if host is not None and mem.host_bytes_per_node > host * GIB:
-        plan.warnings.append(f"memory: offloaded state needs ~{mem.host_bytes_per_node / GIB:.0f} GiB of host memory "
-                             f"per node (> trainer.host_memory_gib={host:g})")
 
 
 def _gib(n: float) -> str:
@@ -151,11 +159,14 @@ def format_plan(plan: RunPlan, cfg) -> str:
                          f"   {_gib(s.optimizer_gpu_bytes)}    {_gib(s.optimizer_host_bytes)}    {_gib(s.other_models_bytes)}"
                          f"     {_gib(s.activation_bytes)} {_gib(s.train_peak_bytes)}")
         r = mem.rollout
-        lines.append(f"rollout (TP {r.tensor_parallel_size}, {cfg.rollout.num_engines} engines): weights "
-                     f"{r.weight_bytes_per_gpu / GIB:.2f} GiB/GPU, KV budget {r.kv_budget_bytes / GIB:.2f} GiB/GPU = "
-                     f"{r.kv_tokens:,} tokens per engine ({r.kv_bytes_per_token / 1024:.1f} KiB/token/GPU), "
-                     f"{r.full_length_sequences:,} sequences of {r.max_sequence_len} tokens at once")
-        if cfg.rollout.placement == "colocated":
+        if cfg.trainer.type != "rl":
+            lines.append(f"no rollout ({cfg.trainer.type}): every GPU trains")
+        else:
+            lines.append(f"rollout (TP {r.tensor_parallel_size}, {cfg.rollout.num_engines} engines): weights "
+                         f"{r.weight_bytes_per_gpu / GIB:.2f} GiB/GPU, KV budget {r.kv_budget_bytes / GIB:.2f} GiB/GPU = "
+                         f"{r.kv_tokens:,} tokens per engine ({r.kv_bytes_per_token / 1024:.1f} KiB/token/GPU), "
+                         f"{r.full_length_sequences:,} sequences of {r.max_sequence_len} tokens at once")
+        if cfg.rollout.placement == "colocated" and cfg.trainer.type == "rl":
             lines.append(f"training state left on each GPU during rollout: {r.resident_train_bytes / GIB:.2f} GiB")
         lines.append(f"host memory per node for offloaded state: {mem.host_bytes_per_node / GIB:.1f} GiB")
     for w in plan.warnings:

@@ -166,3 +166,14 @@ def test_interleaved_pipeline_and_block_recompute_by_hand():
     stage0 = plan_run(cfg, hf_config=hf).memory.stages[0]
     # 2 micro-batches in flight on stage 0: layer 0 keeps its input, layers 1-3 everything; + layer 0 recomputed
     assert stage0.activation_bytes == int(2 * (boundary + 3 * per_layer_full) + per_layer_full)
+
+
+def test_sft_plan_has_no_rollout_and_counts_its_own_sequence_length():
+    cfg, plan = _plan_235b({"trainer.type": "sft", "sft.max_length": 4096, "actor.use_dynamic_bsz": False,
+                            "actor.micro_batch_size": 2, "actor.param_offload": False, "actor.grad_offload": False,
+                            "actor.optimizer_offload": False, "algorithm.use_kl_loss": False})
+    assert plan.errors == [] and plan.memory.tokens_per_microbatch == 2 * 4096
+    assert plan.memory.stages[0].other_models_bytes == 0  # no reference, no critic
+    text = format_plan(plan, cfg)
+    assert "no rollout (sft): every GPU trains" in text and "KV budget" not in text
+    assert not [w for w in plan.warnings if "rollout" in w]
