@@ -21,7 +21,10 @@ from megarl.testing.distributed import run_on_ranks
 LENGTHS = (5, 17, 9, 23, 12, 7, 14, 20)
 PROMPT_LEN = 3
 LR, ADAM_EPS, CLIP, CLIPRANGE = 1e-3, 1e-6, 1.0, 0.2
-LAYOUTS = {"tp1_dp2": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}, "cp2": {"cp": 2}, "ep2": {"ep": 2}}
+LAYOUTS = {"tp1_dp2": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}, "cp2": {"cp": 2}, "ep2": {"ep": 2},
+           "tp1_dp2_offload": {}}
+# the critic's own optimizer options: half its Adam states on the host must give the same step
+OPTIMIZER = {"tp1_dp2_offload": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}}
 
 
 def make_batch() -> SequenceBatch:
@@ -95,7 +98,7 @@ def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict) -> bytes:
     from megarl.distributed.init import init_distributed, reset_model_parallel
     from megarl.models.builder import build_megatron_model
     from megarl.models.engine import EngineOptions, MegatronEngine, MicroBatchOptions
-    from megarl.models.optimizer import OptimizerOptions
+    from megarl.models.optimizer import OptimizerOptions, offloaded_fraction
 
     batch = make_batch()
     normalisers = compute_loss_normalisers(batch.fields["loss_mask"])
@@ -106,7 +109,8 @@ def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict) -> bytes:
         engine = MegatronEngine(
             build_megatron_model(critic_dir, layout, value_head=True),
             EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=32),
-                          optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP)),
+                          optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP,
+                                                     **OPTIMIZER.get(name, {}))),
         )
         values = engine.forward_values(batch)
         step = engine.train_step(value_step_inputs(batch, values),
@@ -114,7 +118,8 @@ def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict) -> bytes:
         after = engine.forward_values(batch)
         weights = {k: v.clone() for k, v in engine.export_hf_weights()}
         results[name] = {"values": values, "step": step, "values_after": after,
-                         "weights": weights if torch.distributed.get_rank() == 0 else None}
+                         "weights": weights if torch.distributed.get_rank() == 0 else None,
+                         "offloaded": offloaded_fraction(engine.optimizer)}
         del engine
         gc.collect()
         reset_model_parallel()
@@ -158,6 +163,9 @@ def test_critic_layouts_match_hf_token_classification(critic_dir, tiny_moe_dir, 
         assert abs(got["step"].metrics["vf_clipfrac"] - ref["clipfrac"]) <= 1e-6
     # the step is large against the tolerance
     assert (ref["values_after"] - ref["values"]).abs().max().item() > 1e-2
+    offloaded, plain = per_rank[0]["tp1_dp2_offload"], per_rank[0]["tp1_dp2"]
+    assert 0.5 <= offloaded["offloaded"] < 0.85 and plain["offloaded"] == 0.0
+    assert max((offloaded["weights"][k] - plain["weights"][k]).abs().max().item() for k in plain["weights"]) <= 1e-6
     fresh = per_rank[0]["_fresh_values"]
     mask = make_batch().fields["loss_mask"].bool()
     assert torch.equal(per_rank[1]["_fresh_values"], fresh)
