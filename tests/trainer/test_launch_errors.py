@@ -65,3 +65,19 @@ def test_bad_config_values_name_the_field(tiny_moe_dir, tmp_path, capsys, overri
     good = _write_dataset(str(tmp_path / "good.parquet"))
     assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", override) == 2
     assert field in capsys.readouterr().err
+
+
+def test_ppo_cannot_resume_a_checkpoint_without_critic(tiny_moe_dir, tmp_path, capsys):
+    import json
+
+    from megarl.checkpoint.store import COMPLETE_MARKER, MEGATRON_SUBDIR, TRAINER_STATE_FILE
+
+    good = _write_dataset(str(tmp_path / "good.parquet"))
+    step = tmp_path / "grpo_step"  # a complete checkpoint of a run without a critic
+    os.makedirs(step / MEGATRON_SUBDIR)
+    (step / MEGATRON_SUBDIR / "metadata.json").write_text("{}")
+    (step / TRAINER_STATE_FILE).write_text(json.dumps({"step": 3}))
+    (step / COMPLETE_MARKER).write_text("")
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", "--algorithm.name=ppo",
+                "--algorithm.adv_estimator=gae", f"--trainer.resume={step}") == 2
+    assert f"checkpoint {step} has no critic state (critic/)" in capsys.readouterr().err
