@@ -220,10 +220,10 @@ def _write_config(config_dir: str, out_dir: str, dtype: torch.dtype | None, save
                   value_head: bool = False) -> None:
     with open(os.path.join(config_dir, "config.json")) as f:
         config = json.load(f)
-    if value_head:  # loads back as *ForTokenClassification with one label (megarl.models.value_head)
-        arch = (config.get("architectures") or ["ForCausalLM"])[0]
-        config.update(architectures=[arch.replace("ForCausalLM", "ForTokenClassification")], tie_word_embeddings=False,
-                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if value_head:  # loads back as *ForTokenClassification with one label
+        from megarl.models.value_head import value_model_config
+
+        config = value_model_config(config)
     name = DTYPE_CONFIG_NAMES[dtype or saved_dtype]
     config["dtype"] = name  # transformers 5
     if "torch_dtype" in config:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from megarl.checkpoint.convert_reader import TensorInfo
 from megarl.checkpoint.store import CheckpointError
+from megarl.models.value_head import VALUE_HEAD_HF_NAMES
 
 LAYER_PREFIX = "decoder.layers."
 _EXPERT_KEY = re.compile(r"^decoder\.layers\.mlp\.experts\.experts\.(?P<linear>linear_fc[12])\.(?P<kind>weight|bias)$")
@@ -34,7 +35,7 @@ _ROUTER_KEY = "decoder.layers.mlp.router.weight"
 _TOP_LEVEL_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight",
                    "output_layer.bias")
 # mbridge has no mapping for a value head; these slices carry their HF name as is.
-VALUE_HEAD_SLICES = {"output_layer.weight": "score.weight", "output_layer.bias": "score.bias"}
+VALUE_HEAD_SLICES = {f"output_layer.{key}": hf_name for key, hf_name in VALUE_HEAD_HF_NAMES.items()}
 
 
 @dataclass(frozen=True)

@@ -218,9 +218,11 @@ def save_hf_checkpoint(handle: "ModelHandle", out_dir: str, max_shard_bytes: int
         if os.path.exists(source):
             shutil.copy2(source, os.path.join(out_dir, side_file))
     if handle.value_head:  # a critic loads back as *ForTokenClassification with one label
-        from transformers import AutoConfig
+        from megarl.models.value_head import value_model_config
 
-        from megarl.models.value_head import value_model_hf_config
-
-        value_model_hf_config(AutoConfig.from_pretrained(handle.hf_dir)).save_pretrained(out_dir)
+        config_path = os.path.join(out_dir, "config.json")
+        with open(config_path) as f:
+            config = value_model_config(json.load(f))
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
     return list(final.values())

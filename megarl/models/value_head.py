@@ -15,10 +15,6 @@ the head's gradients are identical on all TP ranks, with no extra all-reduce.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-
 import torch
 
 VALUE_HEAD_HF_NAMES = {"weight": "score.weight", "bias": "score.bias"}
@@ -67,19 +63,14 @@ def hf_value_head_tensors(hf_dir: str) -> dict[str, torch.Tensor] | None:
     classifier with several labels) is an error."""
     from safetensors import safe_open
 
-    index_path = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {os.path.join(hf_dir, weight_map[n]) for n in VALUE_HEAD_HF_NAMES.values() if n in weight_map}
-    else:
-        files = set(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    from megarl.checkpoint.convert_safetensors import hf_weight_files
+
+    files = hf_weight_files(hf_dir)
     found: dict[str, torch.Tensor] = {}
-    for path in sorted(files):
-        with safe_open(path, framework="pt") as f:
-            for key, hf_name in VALUE_HEAD_HF_NAMES.items():
-                if hf_name in f.keys():
-                    found[key] = f.get_tensor(hf_name)
+    for key, hf_name in VALUE_HEAD_HF_NAMES.items():
+        if hf_name in files:
+            with safe_open(files[hf_name], framework="pt") as f:
+                found[key] = f.get_tensor(hf_name)
     if "weight" not in found:
         return None
     if found["weight"].shape[0] != 1:
@@ -101,14 +92,9 @@ def load_value_head(chunk, hf_dir: str) -> bool:
     return True
 
 
-def value_model_hf_config(hf_config):
-    """The HF config a critic is exported with: the same backbone as `*ForTokenClassification`
-    with one label, untied (the value head never shares the embedding)."""
-    import copy
-
-    config = copy.deepcopy(hf_config)
-    arch = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
-    config.architectures = [arch.replace("ForCausalLM", "ForTokenClassification")]
-    config.num_labels = 1
-    config.tie_word_embeddings = False
-    return config
+def value_model_config(config: dict) -> dict:
+    """The HF config.json (as a dict) a critic is saved with: the same backbone as
+    `*ForTokenClassification` with one label, untied (the value head never shares the embedding)."""
+    arch = (config.get("architectures") or ["ForCausalLM"])[0]
+    return {**config, "architectures": [arch.replace("ForCausalLM", "ForTokenClassification")],
+            "tie_word_embeddings": False, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}

@@ -105,13 +105,9 @@ class SupervisedWorker:
 
     def dpo_eval(self, batch) -> dict | None:
         """DPO loss and reward metrics of the batch's pairs under the current policy (no update)."""
-        from megarl.algorithms.preference import compute_dpo_loss
-
         policy, _ = self.actor.forward_logprobs(batch, micro_batches=self.micro_batches)
-        ref = self.reference_logprobs(batch)
-        mask = batch.fields["loss_mask"]
-        loss, metrics = compute_dpo_loss(policy[0::2], mask[0::2], policy[1::2], mask[1::2], ref[0::2], ref[1::2],
-                                         self.dpo_options)
+        batch = batch.with_fields(ref_logprobs=self.reference_logprobs(batch))
+        loss, metrics = dpo_loss_fn(self.dpo_options, len(batch) // 2)(policy, None, batch)
         return self._rank0({"loss": float(loss), **{k: float(v) for k, v in metrics.items()}})
 
     # ------------------------------------------------------------------ checkpoints and export

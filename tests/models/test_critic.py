@@ -92,7 +92,7 @@ def hf_reference(critic_dir, tmp_path_factory):
             "values_after": after, "clipfrac": float(metrics["vf_clipfrac"])}
 
 
-def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict) -> bytes:
+def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict, export_dir: str) -> bytes:
     from megarl.algorithms import compute_loss_normalisers, value_loss_fn
     from megarl.distributed import ParallelLayout
     from megarl.distributed.init import init_distributed, reset_model_parallel
@@ -117,6 +117,10 @@ def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict) -> bytes:
                                  value_loss_fn(normalisers, cliprange_value=CLIPRANGE))
         after = engine.forward_values(batch)
         weights = {k: v.clone() for k, v in engine.export_hf_weights()}
+        if name == "pp2":  # the live critic saved as an HF folder (value head broadcast from the last stage)
+            from megarl.models.export import save_hf_checkpoint
+
+            save_hf_checkpoint(engine.handle, export_dir)
         results[name] = {"values": values, "step": step, "values_after": after,
                          "weights": weights if torch.distributed.get_rank() == 0 else None,
                          "offloaded": offloaded_fraction(engine.optimizer)}
@@ -136,9 +140,12 @@ def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict) -> bytes:
 
 
 @pytest.mark.timeout(400)
-def test_critic_layouts_match_hf_token_classification(critic_dir, tiny_moe_dir, hf_reference):
-    per_rank = [torch.load(io.BytesIO(b), weights_only=False)
-                for b in run_on_ranks(run_critic_layouts, 2, args=(critic_dir, tiny_moe_dir, LAYOUTS), timeout=360)]
+def test_critic_layouts_match_hf_token_classification(critic_dir, tiny_moe_dir, hf_reference, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    export_dir = str(tmp_path / "pp2_critic_hf")
+    per_rank = [torch.load(io.BytesIO(b), weights_only=False) for b in run_on_ranks(
+        run_critic_layouts, 2, args=(critic_dir, tiny_moe_dir, LAYOUTS, export_dir), timeout=360)]
     ref = hf_reference
     assert ref["clipfrac"] > 0.1  # value clipping is exercised
     assert ref["grad_norm"] > CLIP  # gradient clipping too
@@ -161,6 +168,12 @@ def test_critic_layouts_match_hf_token_classification(critic_dir, tiny_moe_dir, 
         assert diffs.pop("values_after") <= 3e-5, (name, diffs)
         assert all(v <= 1e-5 for v in diffs.values()), (name, diffs)
         assert abs(got["step"].metrics["vf_clipfrac"] - ref["clipfrac"]) <= 1e-6
+    # the PP2 critic saved with save_hf_checkpoint loads in transformers and gives its values
+    exported = AutoModelForTokenClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        exported_diff = (hf_values(exported, make_batch()) - per_rank[0]["pp2"]["values_after"]).abs().max().item()
+    print(f"save_hf_checkpoint of the PP2 critic vs its values: {exported_diff:.2e}")
+    assert exported_diff <= 1e-5
     # the step is large against the tolerance
     assert (ref["values_after"] - ref["values"]).abs().max().item() > 1e-2
     offloaded, plain = per_rank[0]["tp1_dp2_offload"], per_rank[0]["tp1_dp2"]
@@ -172,11 +185,16 @@ def test_critic_layouts_match_hf_token_classification(critic_dir, tiny_moe_dir, 
     assert 0 < fresh[mask].abs().max().item() < 1.0  # small random head, bias 0
 
 
-def test_value_model_hf_config(tiny_moe_dir):
+def test_value_model_config(tiny_moe_dir, tmp_path):
+    import json
+
     from transformers import AutoConfig
 
-    from megarl.models.value_head import hf_value_head_tensors, value_model_hf_config
+    from megarl.models.value_head import hf_value_head_tensors, value_model_config
 
-    config = value_model_hf_config(AutoConfig.from_pretrained(tiny_moe_dir))
-    assert config.architectures == ["Qwen3MoeForTokenClassification"] and config.num_labels == 1
+    with open(os.path.join(tiny_moe_dir, "config.json")) as f:
+        config = value_model_config(json.load(f))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoConfig.from_pretrained(str(tmp_path))
+    assert loaded.architectures == ["Qwen3MoeForTokenClassification"] and loaded.num_labels == 1
     assert hf_value_head_tensors(tiny_moe_dir) is None  # a language model has no value head

@@ -15,17 +15,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _config(model_dir, **parallel):
-    from megarl.config import load_config
+    from tests.trainer.test_train_worker import _config as worker_config
 
-    return load_config(None, {
-        "model.path": model_dir, "model.dtype": "fp32", "data.train_files": ["unused.parquet"],
+    return worker_config(model_dir, overrides={
         "algorithm.name": "ppo", "critic.optimizer.lr": 1e-2, "critic.optimizer.weight_decay": 0.0,
-        "critic.cliprange_value": 0.2,
-        "actor.ppo_mini_batch_size": 2, "actor.micro_batch_size": 2, "data.train_batch_size": 4,
-        "rollout.n": 2, "rollout.max_new_tokens": 8, "trainer.nnodes": 1,
-        "trainer.gpus_per_node": int(os.environ.get("WORLD_SIZE", "1")),
-        **{f"parallel.{k}": v for k, v in parallel.items()},
-    }, check_paths=False)
+        "critic.cliprange_value": 0.2, **{f"parallel.{k}": v for k, v in parallel.items()},
+    })
 
 
 def _batch():

@@ -35,7 +35,7 @@ def test_shortened_ppo_demo_learns_and_its_critic_explains_returns(tmp_path):
     tail = explained[-len(explained) // 4:]
     print(f"mean reward first 20% {first:.3f}, last 20% {last:.3f}; explained variance first 5 "
           f"{[round(x, 3) for x in explained[:5]]}, mean of the last quarter {sum(tail) / len(tail):.3f}")
-    assert last - first >= 0.1  # the full 120-step recipe is expected to gain >= 0.2
+    assert last - first >= 0.15  # measured 0.22 here; the full 120-step recipe gains 0.27
     # the actor stands still during the critic warmup, then moves
     warmup = 2
     assert all("actor/pg_loss" not in r for r in rows[:warmup]) and all("actor/pg_loss" in r for r in rows[warmup:])

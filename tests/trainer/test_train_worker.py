@@ -11,7 +11,8 @@ from megarl.testing.distributed import run_on_ranks
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _config(model_dir, ep, **algorithm):
+def _config(model_dir, ep=1, overrides=None, **algorithm):
+    """A small run's config at world WORLD_SIZE; `overrides` are more dotted fields."""
     from megarl.config import load_config
 
     return load_config(None, {
@@ -20,7 +21,7 @@ def _config(model_dir, ep, **algorithm):
         "actor.ppo_mini_batch_size": 2, "actor.micro_batch_size": 2, "data.train_batch_size": 4,
         "rollout.n": 2, "rollout.max_new_tokens": 8, "trainer.nnodes": 1,
         "trainer.gpus_per_node": int(os.environ.get("WORLD_SIZE", "1")),
-        **{f"algorithm.{k}": v for k, v in algorithm.items()},
+        **{f"algorithm.{k}": v for k, v in algorithm.items()}, **(overrides or {}),
     }, check_paths=False)
 
 
