@@ -4,7 +4,6 @@ in the checkpoint next to the actor, resumes exactly at another layout, and conv
 *ForTokenClassification model whose values equal Megatron's."""
 
 import dataclasses
-import os
 
 import pytest
 import torch
