@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from megarl.checkpoint.convert_safetensors import (
 )
 from megarl.checkpoint.store import (
     COMPLETE_MARKER, CRITIC_SUBDIR, MEGATRON_SUBDIR, TRAINER_STATE_FILE, CheckpointError, CheckpointStore, read_trainer_state,
+    verify_checkpoint,
 )
 
 # Copied next to the weights (config.json is rewritten for the output dtype).
@@ -102,6 +104,13 @@ def resolve_checkpoint(path: str, model: str = "actor") -> tuple[str | None, str
         path = latest
     if not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
         raise ConversionError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): the save was interrupted")
+    report = verify_checkpoint(path)
+    if not report.ok:
+        raise ConversionError(f"checkpoint {path} is damaged (nothing written):\n{report.describe()}\n"
+                              "convert another step folder, or check it with `megarl-convert verify`")
+    if not report.has_manifest:
+        print(f"notice: checkpoint {path} was written before checkpoints had manifests: its files' checksums "
+              "cannot be verified", file=sys.stderr, flush=True)
     if model == "critic":
         if not os.path.isdir(os.path.join(path, CRITIC_SUBDIR)):
             raise ConversionError(f"checkpoint {path} has no critic ({CRITIC_SUBDIR}/): only PPO runs save one")

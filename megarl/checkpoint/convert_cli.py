@@ -3,6 +3,11 @@
     megarl-convert mcore-to-hf CHECKPOINT OUT_DIR [--hf-config DIR] [--dtype bf16|fp16|fp32]
                                [--max-shard-size 5GB] [--verify] [--overwrite] [--no-progress]
     megarl-convert hf-to-mcore HF_DIR OUT_ROOT [--target-layout tp=2,pp=2,ep=2] [--dtype fp32] [--overwrite]
+    megarl-convert verify CHECKPOINT
+
+`verify` checks a step folder (or every complete step of a checkpoint root) against its manifest —
+every file present, of the recorded size and CRC-32 — without loading anything: exit 0 when all
+verify, 1 when one is damaged (each wrong file is named).
 
 CHECKPOINT is a checkpoint root (its newest complete step is used), a step folder, or a bare megatron
 dist-checkpoint folder. Exit code 2 with a one-line reason for bad input (nothing written).
@@ -37,11 +42,48 @@ def _parser() -> argparse.ArgumentParser:
     to_mcore.add_argument("--target-layout", help="layout the run will use, checked against the model, e.g. tp=2,pp=2,ep=2")
     to_mcore.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
     to_mcore.add_argument("--overwrite", action="store_true")
+
+    verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest, without loading it")
+    verify.add_argument("checkpoint", help="a step folder, or a checkpoint root (every complete step is checked)")
     return parser
+
+
+def _verify(checkpoint: str) -> int:
+    from megarl.checkpoint.store import COMPLETE_MARKER, CheckpointError, CheckpointStore, verify_checkpoint
+
+    path = os.path.abspath(checkpoint)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.exists(os.path.join(path, COMPLETE_MARKER)) or os.path.basename(path).startswith("step_"):
+        folders = [path]
+    else:
+        folders = CheckpointStore(path).resume_candidates()
+        if not folders:
+            raise CheckpointError(f"{path} is neither a checkpoint step folder nor a checkpoint root with a complete step")
+    damaged = 0
+    for folder in folders:
+        report = verify_checkpoint(folder)
+        if not report.ok:
+            damaged += 1
+            print(f"DAMAGED {folder}:\n{report.describe()}")
+        elif report.has_manifest:
+            print(f"ok      {folder}: {report.files} files, {report.bytes / 1e6:.1f} MB match the manifest "
+                  f"({report.seconds:.2f} s)")
+        else:
+            print(f"ok      {folder}: written before manifests; only its structure was checked")
+    return 1 if damaged else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "verify":  # standard library only: no torch import
+        from megarl.checkpoint.store import CheckpointError
+
+        try:
+            return _verify(args.checkpoint)
+        except CheckpointError as err:
+            print(f"megarl-convert: error: {err}", file=sys.stderr)
+            return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megarl.checkpoint.convert import HfToMcoreOptions, McoreToHfOptions, hf_to_mcore, mcore_to_hf
     from megarl.checkpoint.store import CheckpointError

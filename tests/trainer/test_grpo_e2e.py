@@ -3,6 +3,8 @@ run as users run it (`launch/train.py` in its own process), checked on what it w
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,9 +74,16 @@ def _log_tail(out_dir):
         return f.read()[-4000:]
 
 
-def test_kill_and_resume_continues_exactly_and_logs_every_scalar(task, tmp_path):
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    assert _wait(_launch(task, straight), 900) == 0, _log_tail(straight)
+@pytest.fixture(scope="module")
+def straight(task, tmp_path_factory):
+    """One uninterrupted 4-step run (checkpoints at steps 2 and 4), shared by the tests below."""
+    out = str(tmp_path_factory.mktemp("grpo_runs") / "straight")
+    assert _wait(_launch(task, out), 900) == 0, _log_tail(out)
+    return out
+
+
+def test_kill_and_resume_continues_exactly_and_logs_every_scalar(task, straight, tmp_path):
+    killed = str(tmp_path / "killed")
 
     proc = _launch(task, killed)
     latest = os.path.join(killed, "checkpoints", "latest")
@@ -100,6 +109,51 @@ def test_kill_and_resume_continues_exactly_and_logs_every_scalar(task, tmp_path)
     assert not missing, f"TensorBoard lacks {missing}"
     assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2, 3, 4]
     assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_manifest_costs_at_most_5_percent_of_the_save(straight):
+    """The demo's model and layout (configs/tiny_moe_grpo_cpu.yaml): each commit prints its manifest's cost."""
+    with open(straight + ".log") as f:
+        lines = [l for l in f.read().splitlines() if re.match(r"checkpoint step_\d+: manifest of", l)]
+    assert len(lines) == 2, lines
+    for line in lines:
+        print(line)
+        percent = float(re.search(r"= ([\d.]+)% of the", line).group(1))
+        assert percent <= 5.0, line
+
+
+def _copy_run(source, dest):
+    """A run's checkpoints only (the resumed run writes fresh metrics)."""
+    shutil.copytree(os.path.join(source, "checkpoints"), os.path.join(dest, "checkpoints"))
+    return dest
+
+
+def test_auto_skips_a_damaged_latest_and_continues_exactly_as_a_direct_resume(task, straight, tmp_path):
+    """The issue's case: one rank's RNG file of the newest checkpoint is gone. `auto` must name the
+    file, skip step 4 (keeping it) and continue from step 2 bit-identically to `resume=<step 2>`."""
+    fallback, direct = _copy_run(straight, str(tmp_path / "fallback")), _copy_run(straight, str(tmp_path / "direct"))
+    damaged = os.path.join(fallback, "checkpoints", "step_00000004")
+    os.remove(os.path.join(damaged, "rng", "rank_00001.pt"))
+
+    assert _wait(_launch(task, fallback, "--trainer.resume=auto"), 900) == 0, _log_tail(fallback)
+    with open(fallback + ".log") as f:
+        log = f.read()
+    assert f"checkpoint {damaged} is damaged" in log and "rng/rank_00001.pt: missing" in log, log
+    assert "resuming from step_00000002 instead of the damaged step_00000004" in log, log
+    step2 = os.path.join(direct, "checkpoints", "step_00000002")
+    assert _wait(_launch(task, direct, f"--trainer.resume={step2}"), 900) == 0, _log_tail(direct)
+
+    a, b, c = _metrics(fallback), _metrics(direct), _metrics(straight)
+    assert {3, 4} <= set(a) and {3, 4} <= set(b)
+    for step in (3, 4):
+        for key in COMPARED:
+            print(f"step {step} {key}: auto-fallback {a[step][key]!r} direct {b[step][key]!r} straight {c[step][key]!r}")
+            assert a[step][key] == b[step][key], (step, key)
+            assert a[step][key] == pytest.approx(c[step][key], abs=1e-6), (step, key)
+    # the damaged copy was moved aside when step 4 was saved again, never deleted
+    aside = [n for n in os.listdir(os.path.join(fallback, "checkpoints")) if n.startswith("step_00000004.damaged-")]
+    assert len(aside) == 1 and not os.path.exists(os.path.join(fallback, "checkpoints", aside[0], "rng", "rank_00001.pt"))
+    assert os.path.exists(os.path.join(fallback, "checkpoints", aside[0], "rng", "rank_00000.pt"))
 
 
 def test_shortened_demo_learns(tmp_path):
