@@ -43,28 +43,69 @@ def test_incomplete_checkpoint_without_complete_marker(broken, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_data_file(broken, tmp_path):
+def _convert_both_ways(broken, tmp_path, tiny_moe_dir, manifest_message, reader_message):
+    """A damaged step folder is refused by its manifest; the bare megatron folder inside it (no
+    manifest) still by the dist-checkpoint reader's own checks. Nothing is written either way."""
+    with pytest.raises(ConversionError, match=f"is damaged \\(nothing written\\):\n  - {manifest_message}"):
+        _convert(broken, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=reader_message):
+        _convert(os.path.join(broken, "megatron"), tmp_path / "out", hf_config_dir=tiny_moe_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file(broken, tmp_path, tiny_moe_dir):
     megatron = os.path.join(broken, "megatron")
     victim = sorted(n for n in os.listdir(megatron) if n.endswith(".distcp"))[0]
     os.remove(os.path.join(megatron, victim))
-    with pytest.raises(CheckpointError, match=f"truncated: 1 of .* data files are missing \\({victim}\\)"):
-        _convert(broken, tmp_path / "out")
+    _convert_both_ways(broken, tmp_path, tiny_moe_dir, f"megatron/{victim}: missing",
+                       f"truncated: 1 of .* data files are missing \\({victim}\\)")
 
 
-def test_truncated_data_file(broken, tmp_path):
+def test_truncated_data_file(broken, tmp_path, tiny_moe_dir):
     megatron = os.path.join(broken, "megatron")
     victim = max((n for n in os.listdir(megatron) if n.endswith(".distcp")), key=lambda n: os.path.getsize(os.path.join(megatron, n)))
     path = os.path.join(megatron, victim)
-    os.truncate(path, os.path.getsize(path) // 2)
-    with pytest.raises(CheckpointError, match=f"truncated: data files shorter than their metadata says \\({victim}\\)"):
-        _convert(broken, tmp_path / "out")
+    size = os.path.getsize(path)
+    os.truncate(path, size // 2)
+    _convert_both_ways(broken, tmp_path, tiny_moe_dir,
+                       f"megatron/{victim}: {size // 2} bytes, the manifest says {size} \\(truncated",
+                       f"truncated: data files shorter than their metadata says \\({victim}\\)")
 
 
 @pytest.mark.parametrize("victim, message", [(".metadata", "has no .metadata"), ("metadata.json", "metadata.json is missing")])
-def test_missing_metadata(broken, tmp_path, victim, message):
+def test_missing_metadata(broken, tmp_path, tiny_moe_dir, victim, message):
     os.remove(os.path.join(broken, "megatron", victim))
-    with pytest.raises(CheckpointError, match=message):
+    _convert_both_ways(broken, tmp_path, tiny_moe_dir, f"megatron/{victim}: missing", message)
+
+
+def test_flipped_bytes_are_caught_by_the_manifest(broken, tmp_path, tiny_moe_dir):
+    megatron = os.path.join(broken, "megatron")
+    victim = sorted(n for n in os.listdir(megatron) if n.endswith(".distcp"))[0]
+    with open(os.path.join(megatron, victim), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ConversionError, match=f"megatron/{victim}: contents differ from the manifest"):
         _convert(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_from_before_manifests_converts_with_a_notice(broken, tmp_path, tiny_moe_dir, capsys):
+    """A real load of an old-format checkpoint (COMPLETE holds the step, no manifest): same weights."""
+    from safetensors.torch import load_file
+
+    reference = _convert(broken, tmp_path / "reference")
+    os.remove(os.path.join(broken, "MANIFEST.json"))
+    with open(os.path.join(broken, "COMPLETE"), "w") as f:
+        f.write("0")
+    capsys.readouterr()
+    result = _convert(broken, tmp_path / "out")
+    assert "written before checkpoints had manifests" in capsys.readouterr().err
+    (ref_file,), (out_file,) = reference.files, result.files
+    ref = load_file(os.path.join(reference.out_dir, ref_file))
+    out = load_file(os.path.join(result.out_dir, out_file))
+    assert sorted(ref) == sorted(out) and all(ref[k].equal(out[k]) for k in ref)
 
 
 @pytest.mark.parametrize("field, value, message", [
