@@ -111,6 +111,9 @@ class DataConfig:
     filter_overlong_prompts: bool = True
     truncation: Literal["error", "left", "right"] = "error"
     """What to do with a prompt longer than max_prompt_length when it is not filtered out."""
+    skip_invalid_rows: bool = False
+    """A row that fails its checks (missing or malformed field, empty prompt) stops start-up with the
+    file and row number; true skips such rows instead, counting them in a warning."""
     shuffle: bool = True
     seed: int = 1
     train_batch_size: int = 256

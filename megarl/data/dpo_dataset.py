@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megarl.data.chat_tokens import tokenize_response
-from megarl.data.records import DataFormatError, first_present, read_records, to_messages
+from megarl.data.records import (
+    DataFormatError, InvalidRows, check_prompt_not_empty, first_present, read_records, to_messages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +26,14 @@ REJECTED_FIELDS = ("rejected", "response_rejected", "negative")
 @dataclass
 class DPODatasetConfig:
     """max_length bounds prompt + longer response, in tokens; longer pairs are dropped when
-    filter_overlong, else they are an error."""
+    filter_overlong, else they are an error. A malformed row (missing field, empty prompt) is an error
+    naming the row, or skipped and counted when skip_invalid_rows."""
 
     files: list[str] = field(default_factory=list)
     max_length: int = 2048
     filter_overlong: bool = True
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    skip_invalid_rows: bool = False
 
 
 @dataclass
@@ -60,14 +64,22 @@ class DPODataset:
     def __init__(self, config: DPODatasetConfig, tokenizer):
         if not config.files:
             raise ValueError("DPO dataset files are empty")
-        pairs = []
+        pairs, total = [], 0
+        invalid = InvalidRows(config.skip_invalid_rows)
         for path in config.files:  # every row is checked before any is tokenised
-            for row, record in enumerate(read_records(path)):
+            for row, record in enumerate(read_records(path, (), invalid)):
+                total += 1
+                if record is None:
+                    continue
                 where = f"{path} row {row}"
-                messages = to_messages(first_present(record, PROMPT_FIELDS, path, row), "prompt", path, row)
-                chosen = _response_text(first_present(record, CHOSEN_FIELDS, path, row), "chosen", where)
-                rejected = _response_text(first_present(record, REJECTED_FIELDS, path, row), "rejected", where)
-                pairs.append((messages, chosen, rejected, where))
+                with invalid.guard():
+                    messages = to_messages(first_present(record, PROMPT_FIELDS, path, row), "prompt", path, row)
+                    check_prompt_not_empty(messages, "prompt", where)
+                    chosen = _response_text(first_present(record, CHOSEN_FIELDS, path, row), "chosen", where)
+                    rejected = _response_text(first_present(record, REJECTED_FIELDS, path, row), "rejected", where)
+                    pairs.append((messages, chosen, rejected, where))
+        invalid.report("preference pairs", total)
+        self.num_invalid = invalid.count
         self.samples: list[PreferenceSample] = []
         self.num_filtered = 0
         for messages, chosen, rejected, where in pairs:

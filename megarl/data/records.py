@@ -6,9 +6,13 @@ tokenisation, so a malformed dataset fails at start-up rather than hours into a 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("error", "left", "right")
 
@@ -17,11 +21,50 @@ class DataFormatError(ValueError):
     """A dataset file lacks a field or has a malformed value."""
 
 
-def read_records(path: str, required_columns: Sequence[str] = ()) -> list[dict]:
+SKIP_OPTION = "data.skip_invalid_rows"
+
+
+class InvalidRows:
+    """What a dataset does with a row that fails its checks: stop at the first, naming the file and
+    row (default), or skip it and count it (`data.skip_invalid_rows`). Wrap each row's checks in
+    `with invalid.guard():`; a skipped row's code after the failing check does not run."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.reasons: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    @contextlib.contextmanager
+    def guard(self):
+        try:
+            yield
+        except DataFormatError as err:
+            if not self.skip:
+                raise DataFormatError(f"{err} (or set {SKIP_OPTION}=true to skip such rows and count them)") from err
+            self.reasons.append(str(err))
+
+    def report(self, what: str, total: int) -> None:
+        """One warning with the count and the first reasons (nothing when no row was skipped)."""
+        if self.reasons:
+            shown = "; ".join(self.reasons[:3]) + ("; ..." if len(self.reasons) > 3 else "")
+            logger.warning("skipped %d of %d %s as invalid (%s=true): %s", self.count, total, what, SKIP_OPTION, shown)
+
+
+def check_prompt_not_empty(messages: list[dict], field_name: str, where: str) -> None:
+    """A prompt whose every message is empty (or only whitespace) gives the model nothing to answer."""
+    if not any(m["content"].strip() for m in messages):
+        raise DataFormatError(f"{where}: field {field_name!r} is an empty prompt (no message has any text)")
+
+
+def read_records(path: str, required_columns: Sequence[str] = (), invalid: InvalidRows | None = None) -> list[dict | None]:
     """All rows of a .parquet, .jsonl or .json (list of objects) file as dicts.
 
     required_columns: top-level fields every file must have; checked on the parquet schema (before the
-    rows are read) or on every JSON row.
+    rows are read) or on every JSON row. A JSON row that fails them is an error, or (with `invalid`
+    skipping) is counted there and returned as None, so row numbers stay those of the file.
     """
     if not os.path.isfile(path):
         raise DataFormatError(f"dataset file {path!r} does not exist")
@@ -50,14 +93,22 @@ def read_records(path: str, required_columns: Sequence[str] = ()) -> list[dict]:
             raise DataFormatError(f"{path}: a .json dataset must hold a list of objects")
     else:
         raise DataFormatError(f"{path}: unsupported dataset format; use .parquet, .jsonl or .json")
+    checked: list[dict | None] = []
     for row_index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataFormatError(f"{path} row {row_index}: expected an object, got {type(row).__name__}")
-        for name in required_columns:
-            if name not in row:
-                raise DataFormatError(f"{path} row {row_index}: missing required field {name!r} "
-                                      f"(fields: {', '.join(row)})")
-    return rows
+        checked.append(None)
+        with invalid.guard() if invalid is not None else contextlib.nullcontext():
+            _check_json_row(row, required_columns, path, row_index)
+            checked[-1] = row
+    return checked
+
+
+def _check_json_row(row: Any, required_columns: Sequence[str], path: str, row_index: int) -> None:
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{path} row {row_index}: expected an object, got {type(row).__name__}")
+    for name in required_columns:
+        if name not in row:
+            raise DataFormatError(f"{path} row {row_index}: missing required field {name!r} "
+                                  f"(fields: {', '.join(row)})")
 
 
 def get_field(record: dict, dotted: str, path: str, row: int, *, allow_none: bool = False) -> Any:

@@ -22,6 +22,8 @@ import numpy as np
 
 from megarl.data.records import (
     DataFormatError,
+    InvalidRows,
+    check_prompt_not_empty,
     check_truncation,
     get_field,
     limit_length,
@@ -39,7 +41,9 @@ class RLDatasetConfig:
     chat template. filter_overlong_prompts drops longer prompts; otherwise ``truncation`` applies:
     "error" (fail at load, naming the file and row), "left" (keep the end) or "right" (keep the start).
     chat_template_kwargs go to apply_chat_template (e.g. {"enable_thinking": False} for Qwen3).
-    max_samples keeps only the first N rows (after filtering); None keeps all."""
+    max_samples keeps only the first N rows (after filtering); None keeps all. A row that fails its
+    checks (missing or malformed field, empty prompt) stops loading with the file and row number,
+    or is skipped and counted when skip_invalid_rows."""
 
     files: list[str] = field(default_factory=list)
     prompt_key: str = "prompt"
@@ -48,6 +52,7 @@ class RLDatasetConfig:
     truncation: str = "error"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_samples: int | None = None
+    skip_invalid_rows: bool = False
 
     def validate(self) -> None:
         if not self.files:
@@ -82,7 +87,7 @@ class RLDataset:
     def __init__(self, config: RLDatasetConfig, tokenizer):
         config.validate()
         self.config = config
-        rows, origins = self._read_and_check(config)
+        rows, origins, invalid = self._read_and_check(config)
         texts = [render_chat(tokenizer, row["messages"], True, config.chat_template_kwargs) for row in rows]
         token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
@@ -99,42 +104,31 @@ class RLDataset:
         if config.max_samples is not None:
             kept_rows, kept_ids = kept_rows[:config.max_samples], kept_ids[:config.max_samples]
         if not kept_rows:
-            raise DataFormatError(f"no prompts left in {config.files} (read {len(rows)}, dropped {dropped} as longer "
-                                  f"than max_prompt_length={config.max_prompt_length})")
+            raise DataFormatError(f"no prompts left in {config.files} (read {len(rows)} valid rows, skipped "
+                                  f"{invalid.count} invalid ones, dropped {dropped} as longer than "
+                                  f"max_prompt_length={config.max_prompt_length})")
         self.num_filtered = dropped
+        self.num_invalid = invalid.count
         self._rows = kept_rows
         lengths = np.array([len(ids) for ids in kept_ids], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])
         self._flat_ids = np.fromiter((t for ids in kept_ids for t in ids), dtype=np.int32, count=int(lengths.sum()))
 
     @staticmethod
-    def _read_and_check(config: RLDatasetConfig) -> tuple[list[dict], list[tuple[str, int]]]:
+    def _read_and_check(config: RLDatasetConfig) -> tuple[list[dict], list[tuple[str, int]], InvalidRows]:
         required = (config.prompt_key, "data_source", "reward_model")
-        rows, origins = [], []
+        invalid = InvalidRows(config.skip_invalid_rows)
+        rows, origins, total = [], [], 0
         for path in config.files:
-            for row_index, record in enumerate(read_records(path, required)):
-                reward_model = get_field(record, "reward_model", path, row_index)
-                if not isinstance(reward_model, dict):
-                    raise DataFormatError(f"{path} row {row_index}: field 'reward_model' must be a dict with "
-                                          f"'ground_truth', got {type(reward_model).__name__}")
-                ground_truth = get_field(record, "reward_model.ground_truth", path, row_index, allow_none=True)
-                data_source = get_field(record, "data_source", path, row_index)
-                if not isinstance(data_source, str):
-                    raise DataFormatError(f"{path} row {row_index}: field 'data_source' must be a string")
-                extra_info = record.get("extra_info") or {}
-                if not isinstance(extra_info, dict):
-                    raise DataFormatError(f"{path} row {row_index}: field 'extra_info' must be a dict")
-                rows.append({
-                    "messages": to_messages(get_field(record, config.prompt_key, path, row_index),
-                                            config.prompt_key, path, row_index),
-                    "data_source": data_source,
-                    "ground_truth": ground_truth,
-                    "ability": record.get("ability") or "",
-                    "reward_style": reward_model.get("style") or "rule",
-                    "extra_info": extra_info,
-                })
-                origins.append((path, row_index))
-        return rows, origins
+            for row_index, record in enumerate(read_records(path, required, invalid)):
+                total += 1
+                if record is None:  # skipped (and counted) by read_records
+                    continue
+                with invalid.guard():
+                    rows.append(_checked_row(record, config.prompt_key, path, row_index))
+                    origins.append((path, row_index))
+        invalid.report("prompt rows", total)
+        return rows, origins, invalid
 
     def data_sources(self) -> set[str]:
         """The distinct data_source values (which select the reward)."""
@@ -151,3 +145,28 @@ class RLDataset:
         return PromptSample(index=index, prompt_ids=ids, messages=row["messages"], data_source=row["data_source"],
                             ground_truth=row["ground_truth"], ability=row["ability"],
                             reward_style=row["reward_style"], extra_info=dict(row["extra_info"]))
+
+
+def _checked_row(record: dict, prompt_key: str, path: str, row_index: int) -> dict:
+    """One row's fields, checked (DataFormatError naming the file, row and field)."""
+    reward_model = get_field(record, "reward_model", path, row_index)
+    if not isinstance(reward_model, dict):
+        raise DataFormatError(f"{path} row {row_index}: field 'reward_model' must be a dict with "
+                              f"'ground_truth', got {type(reward_model).__name__}")
+    ground_truth = get_field(record, "reward_model.ground_truth", path, row_index, allow_none=True)
+    data_source = get_field(record, "data_source", path, row_index)
+    if not isinstance(data_source, str):
+        raise DataFormatError(f"{path} row {row_index}: field 'data_source' must be a string")
+    extra_info = record.get("extra_info") or {}
+    if not isinstance(extra_info, dict):
+        raise DataFormatError(f"{path} row {row_index}: field 'extra_info' must be a dict")
+    messages = to_messages(get_field(record, prompt_key, path, row_index), prompt_key, path, row_index)
+    check_prompt_not_empty(messages, prompt_key, f"{path} row {row_index}")
+    return {
+        "messages": messages,
+        "data_source": data_source,
+        "ground_truth": ground_truth,
+        "ability": record.get("ability") or "",
+        "reward_style": reward_model.get("style") or "rule",
+        "extra_info": extra_info,
+    }

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megarl.data.chat_tokens import tokenize_conversation
-from megarl.data.records import DataFormatError, check_truncation, get_field, limit_length, read_records, to_messages
+from megarl.data.records import (
+    DataFormatError, InvalidRows, check_truncation, get_field, limit_length, read_records, to_messages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -15,7 +17,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SFTDatasetConfig:
     """max_length in tokens after the chat template. Longer conversations are dropped when
-    filter_overlong, else cut by ``truncation`` (error | left | right)."""
+    filter_overlong, else cut by ``truncation`` (error | left | right). A malformed row (no assistant
+    message, missing or malformed messages) is an error naming the row, or skipped and counted when
+    skip_invalid_rows."""
 
     files: list[str] = field(default_factory=list)
     messages_key: str = "messages"
@@ -23,6 +27,7 @@ class SFTDatasetConfig:
     filter_overlong: bool = True
     truncation: str = "error"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    skip_invalid_rows: bool = False
 
 
 @dataclass
@@ -39,14 +44,21 @@ class SFTDataset:
         if not config.files:
             raise ValueError("SFT dataset files are empty")
         check_truncation(config.truncation)
-        conversations = []
+        conversations, total = [], 0
+        invalid = InvalidRows(config.skip_invalid_rows)
         for path in config.files:  # every row is checked before any is tokenised
-            for row, record in enumerate(read_records(path, (config.messages_key,))):
-                messages = to_messages(get_field(record, config.messages_key, path, row), config.messages_key,
-                                       path, row)
-                if not any(m["role"] == "assistant" for m in messages):
-                    raise DataFormatError(f"{path} row {row}: {config.messages_key!r} has no assistant message")
-                conversations.append((messages, f"{path} row {row}"))
+            for row, record in enumerate(read_records(path, (config.messages_key,), invalid)):
+                total += 1
+                if record is None:
+                    continue
+                with invalid.guard():
+                    messages = to_messages(get_field(record, config.messages_key, path, row), config.messages_key,
+                                           path, row)
+                    if not any(m["role"] == "assistant" for m in messages):
+                        raise DataFormatError(f"{path} row {row}: {config.messages_key!r} has no assistant message")
+                    conversations.append((messages, f"{path} row {row}"))
+        invalid.report("conversations", total)
+        self.num_invalid = invalid.count
         self.samples: list[SFTSample] = []
         self.num_filtered = 0
         for messages, where in conversations:

@@ -19,6 +19,7 @@ def prompt_dataset(cfg: MegaRLConfig, tokenizer, files):
     return RLDataset(RLDatasetConfig(
         files=list(files), prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
         filter_overlong_prompts=d.filter_overlong_prompts, truncation=d.truncation,
+        skip_invalid_rows=d.skip_invalid_rows,
     ), tokenizer)
 
 

@@ -26,7 +26,8 @@ class SFTTrainer(SupervisedTrainer):
 
         s = self.cfg.sft
         return SFTDataset(SFTDatasetConfig(files=list(files), messages_key=s.messages_key, max_length=s.max_length,
-                                           filter_overlong=s.filter_overlong, truncation=s.truncation), self.tokenizer)
+                                           filter_overlong=s.filter_overlong, truncation=s.truncation,
+                                           skip_invalid_rows=self.cfg.data.skip_invalid_rows), self.tokenizer)
 
     def make_batch(self, samples):
         return sft_batch(samples)

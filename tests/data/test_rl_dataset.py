@@ -142,3 +142,38 @@ def test_chat_template_kwargs_reach_the_template(tmp_path, tokenizer):
                          thinking_tokenizer)
     assert thinking_tokenizer.decode(no_think[0].prompt_ids) == \
         thinking_tokenizer.decode(plain[0].prompt_ids) + "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n", [{"role": "user", "content": ""}],
+                                    [{"role": "system", "content": " "}, {"role": "user", "content": ""}]])
+def test_an_empty_prompt_is_refused_with_its_row_number(tmp_path, tokenizer, prompt):
+    path = write_jsonl(tmp_path / "d.jsonl", [row("What is 2 + 2?"), row("q", prompt=prompt), row("Compute 8 + 1.")])
+    with pytest.raises(DataFormatError, match=f"{path} row 1: field 'prompt' is an empty prompt .*"
+                                              "set data.skip_invalid_rows=true"):
+        RLDataset(RLDatasetConfig(files=[path]), tokenizer)
+
+
+def test_skip_invalid_rows_skips_and_counts_them_keeping_the_valid_ones(tmp_path, tokenizer, caplog):
+    records = [row("q0"), row("q1", prompt=[{"role": "user", "content": ""}]), row("q2"),
+               row("q3", reward_model="4"), row("q4"), row("q5", prompt="")]
+    write_records(records[:3], str(tmp_path / "a.parquet"))
+    jsonl = write_jsonl(tmp_path / "b.jsonl", records[3:] + [{"data_source": "x"}])  # last row lacks fields
+    with caplog.at_level("WARNING"):
+        ds = RLDataset(RLDatasetConfig(files=[str(tmp_path / "a.parquet"), jsonl], skip_invalid_rows=True), tokenizer)
+    assert [ds[i].messages[0]["content"] for i in range(len(ds))] == ["q0", "q2", "q4"]
+    assert ds.num_invalid == 4
+    warning = caplog.records[-1].getMessage()
+    assert warning.startswith("skipped 4 of 7 prompt rows as invalid (data.skip_invalid_rows=true): ")
+    assert f"a.parquet row 1: field 'prompt' is an empty prompt" in warning and f"{jsonl} row 0: field 'reward_model'" in warning
+
+
+def test_skip_invalid_rows_reaches_the_dataset_from_the_run_config(tmp_path, tokenizer):
+    from megarl.config.schema import MegaRLConfig
+    from megarl.trainer.components import prompt_dataset
+
+    path = write_jsonl(tmp_path / "d.jsonl", [row("q0"), row("q1", prompt=" ")])
+    cfg = MegaRLConfig()
+    with pytest.raises(DataFormatError, match="row 1: field 'prompt' is an empty prompt"):
+        prompt_dataset(cfg, tokenizer, [path])
+    cfg.data.skip_invalid_rows = True
+    assert len(prompt_dataset(cfg, tokenizer, [path])) == 1

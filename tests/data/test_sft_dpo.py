@@ -71,3 +71,22 @@ def test_dpo_errors_name_the_accepted_fields(tmp_path, tokenizer):
     assert len(DPODataset(DPODatasetConfig(files=[long], max_length=20), tokenizer)) == 0
     with pytest.raises(DataFormatError, match="max_length 20"):
         DPODataset(DPODatasetConfig(files=[long], max_length=20, filter_overlong=False), tokenizer)
+
+
+def test_dpo_empty_prompt_is_refused_or_skipped_and_counted(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
+                                                   {"prompt": [{"role": "user", "content": "  "}], "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataFormatError, match=r"pairs\.jsonl row 1: field 'prompt' is an empty prompt"):
+        DPODataset(DPODatasetConfig(files=[path]), tokenizer)
+    ds = DPODataset(DPODatasetConfig(files=[path], skip_invalid_rows=True), tokenizer)
+    assert len(ds) == 1 and ds.num_invalid == 1 and ds[0].messages[0]["content"] == "Capital of France?"
+
+
+def test_sft_skip_invalid_rows_skips_and_counts(tmp_path, tokenizer):
+    no_reply = [{"role": "user", "content": "hi"}]
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"messages": no_reply}, {"messages": CONVERSATION}])
+    with pytest.raises(DataFormatError, match=r"conv\.jsonl row 0: 'messages' has no assistant message"):
+        SFTDataset(SFTDatasetConfig(files=[path]), tokenizer)
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"messages": no_reply}, {"messages": CONVERSATION}, {"other": 1}])
+    ds = SFTDataset(SFTDatasetConfig(files=[path], skip_invalid_rows=True), tokenizer)
+    assert len(ds) == 1 and ds.num_invalid == 2
