@@ -76,8 +76,58 @@ def test_ppo_cannot_resume_a_checkpoint_without_critic(tiny_moe_dir, tmp_path, c
     step = tmp_path / "grpo_step"  # a complete checkpoint of a run without a critic
     os.makedirs(step / MEGATRON_SUBDIR)
     (step / MEGATRON_SUBDIR / "metadata.json").write_text("{}")
+    (step / MEGATRON_SUBDIR / ".metadata").write_bytes(b"dcp")
     (step / TRAINER_STATE_FILE).write_text(json.dumps({"step": 3}))
     (step / COMPLETE_MARKER).write_text("")
     assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", "--algorithm.name=ppo",
                 "--algorithm.adv_estimator=gae", f"--trainer.resume={step}") == 2
     assert f"checkpoint {step} has no critic state (critic/)" in capsys.readouterr().err
+
+
+def _checkpoint_root(run_dir, steps):
+    """A run's checkpoint folder with complete, manifest-bearing checkpoints (placeholder megatron files)."""
+    from megarl.checkpoint.store import CheckpointStore
+
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    paths = []
+    for step in steps:
+        pending = store.begin(step)
+        for name in ("metadata.json", ".metadata", "__0_0.distcp"):
+            with open(os.path.join(pending.megatron_dir, name), "w") as f:
+                f.write("{}")
+        paths.append(store.commit(pending, {"loader": {}}))
+    return paths
+
+
+def test_a_damaged_resume_path_fails_naming_the_file_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
+    import torch.distributed as dist
+
+    good = _write_dataset(str(tmp_path / "good.parquet"))
+    (step,) = _checkpoint_root(tmp_path / "old_run", [2])
+    os.remove(os.path.join(step, "megatron", ".metadata"))
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", f"--trainer.resume={step}") == 2
+    assert f"checkpoint {step} is damaged:\n  - megatron/.metadata: missing" in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
+def test_auto_with_only_damaged_checkpoints_fails_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
+    good = _write_dataset(str(tmp_path / "good.parquet"))
+    (step,) = _checkpoint_root(tmp_path / "run", [2])  # the output_dir _run uses
+    os.truncate(os.path.join(step, "megatron", "__0_0.distcp"), 1)
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", "--trainer.resume=auto") == 2
+    err = capsys.readouterr().err
+    assert "megatron/__0_0.distcp: 1 bytes, the manifest says 2 (truncated or partly copied)" in err
+    assert "no checkpoint under" in err and "trainer.resume=disable to start afresh" in err
+    assert os.path.isdir(step)
+
+
+def test_an_empty_prompt_fails_with_its_row_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys):
+    from megarl.data.records import write_records
+    from megarl.data.synthetic import arith_records
+
+    rows = arith_records(8, seed=0)
+    rows[5]["prompt"] = [{"role": "user", "content": ""}]
+    path = str(tmp_path / "empty.parquet")
+    write_records(rows, path)
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{path}]") == 2
+    assert f"{path} row 5: field 'prompt' is an empty prompt" in capsys.readouterr().err
