@@ -159,14 +159,19 @@ class CheckpointStore:
         """Complete checkpoint folders in the order `auto` tries them: the one `latest` names, then
         the other complete steps, newest first."""
         steps = [os.path.join(self.root, step_dir_name(s)) for s in reversed(self.complete_steps())]
-        pointer = os.path.join(self.root, LATEST_FILE)
-        if os.path.exists(pointer):
-            with open(pointer) as f:
-                named = os.path.join(self.root, f.read().strip())
-            if named in steps:  # a pointer to a missing or incomplete folder is stale: ignore it
-                steps.remove(named)
-                steps.insert(0, named)
+        named = self.latest_pointer()
+        if named in steps:  # a pointer to a missing or incomplete folder is stale: ignore it
+            steps.remove(named)
+            steps.insert(0, named)
         return steps
+
+    def latest_pointer(self) -> str | None:
+        """The folder the `latest` file names (it may be missing or incomplete), or None."""
+        pointer = os.path.join(self.root, LATEST_FILE)
+        if not os.path.exists(pointer):
+            return None
+        with open(pointer) as f:
+            return os.path.join(self.root, f.read().strip())
 
 
 @dataclass
@@ -258,6 +263,11 @@ def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
     if resume != "auto":
         return validate_checkpoint(resume)
     skipped: list[CheckpointReport] = []
+    named = store.latest_pointer()
+    if named and os.path.isdir(named) and not os.path.exists(os.path.join(named, COMPLETE_MARKER)):
+        skipped.append(verify_checkpoint(named))  # its COMPLETE marker was removed after the save
+        _notice("warning", f"checkpoint {named} (named by {LATEST_FILE}) is damaged; skipping it (it is kept on "
+                           f"disk):\n{skipped[-1].describe()}")
     for path in store.resume_candidates():
         report = verify_checkpoint(path)
         if not report.ok:

@@ -211,3 +211,13 @@ def test_verify_cli(tmp_path, capsys):
     assert f"DAMAGED {latest}:\n  - rng/rank_00001.pt: 3 bytes, the manifest says 11" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_latest_whose_complete_marker_was_removed_is_reported_and_skipped(tmp_path, capsys):
+    store = CheckpointStore(str(tmp_path))
+    good, latest = _save(store, 2), _save(store, 4)
+    os.remove(os.path.join(latest, "COMPLETE"))
+    assert resolve_resume("auto", store) == good
+    err = capsys.readouterr().err
+    assert f"checkpoint {latest} (named by latest) is damaged" in err and "no COMPLETE marker" in err
+    assert "resuming from step_00000002 instead of the damaged step_00000004" in err
