@@ -91,6 +91,7 @@ class CheckpointStore:
         self.root = os.path.abspath(root)
         self.keep_last = keep_last
         self.last_commit: CommitTiming | None = None
+        self.found_damaged: set[str] = set()  # by resolve_resume: never deleted by a re-save
 
     # -- writing ---------------------------------------------------------------------------------
     def begin(self, step: int) -> PendingSave:
@@ -121,8 +122,10 @@ class CheckpointStore:
         return final
 
     def _replace_old_copy(self, final: str) -> None:
-        """A good older copy of the step is removed; a damaged one is kept aside for the user to inspect."""
-        if verify_checkpoint(final).ok:
+        """A good older copy of the step is removed; a damaged one (found so at resume, or with a file
+        missing or of the wrong size now; re-reading every byte here would cost a whole read of
+        the checkpoint) is kept aside for the user to inspect."""
+        if final not in self.found_damaged and verify_checkpoint(final, checksums=False).ok:
             shutil.rmtree(final)
             return
         aside = f"{final}.damaged-{uuid.uuid4().hex[:8]}"
@@ -193,10 +196,10 @@ class CheckpointReport:
         return "\n".join(f"  - {p}" for p in self.problems)
 
 
-def verify_checkpoint(path: str) -> CheckpointReport:
+def verify_checkpoint(path: str, checksums: bool = True) -> CheckpointReport:
     """Check a checkpoint folder whole without loading it: its structure, then every file the
-    manifest lists (present, same size, same CRC-32). A folder from before manifests gets the
-    structural checks only (has_manifest False)."""
+    manifest lists (present, same size and, with checksums, same CRC-32). A folder from before
+    manifests gets the structural checks only (has_manifest False)."""
     start = time.monotonic()
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -219,8 +222,9 @@ def verify_checkpoint(path: str) -> CheckpointReport:
         else:
             report.has_manifest = True
             report.files, report.bytes = len(manifest["files"]), manifest.get("total_bytes", 0)
-            problems.extend(check_files(path, manifest))
-    problems.extend(p for p in _structure_problems(path) if p.split(":")[0] + ": missing" not in problems)
+            problems.extend(check_files(path, manifest, checksums))
+    reported = {problem.split(": ")[0] for problem in problems}  # a file the manifest already named
+    problems.extend(p for p in _structure_problems(path) if p.split(": ")[0] not in reported)
     report.seconds = time.monotonic() - start
     return report
 
@@ -272,6 +276,7 @@ def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
         report = verify_checkpoint(path)
         if not report.ok:
             skipped.append(report)
+            store.found_damaged.add(path)
             _notice("warning", f"checkpoint {path} is damaged; skipping it (it is kept on disk):\n{report.describe()}")
             continue
         if skipped:

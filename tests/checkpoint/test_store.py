@@ -70,7 +70,7 @@ def test_a_stale_latest_pointer_falls_back_to_the_newest_complete_step(tmp_path)
     [
         ("missing", "does not exist"),
         ("no_marker", "incomplete"),
-        ("bad_state", "trainer_state.json: cannot read it"),
+        ("bad_state", "trainer_state.json: 11 bytes, the manifest says"),
         ("no_megatron", "megatron/metadata.json: missing"),
     ],
 )
@@ -221,3 +221,15 @@ def test_latest_whose_complete_marker_was_removed_is_reported_and_skipped(tmp_pa
     err = capsys.readouterr().err
     assert f"checkpoint {latest} (named by latest) is damaged" in err and "no COMPLETE marker" in err
     assert "resuming from step_00000002 instead of the damaged step_00000004" in err
+
+
+def test_a_step_auto_found_damaged_is_kept_aside_when_saved_again(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    _save(store, 2)
+    latest = _save(store, 4)
+    _flip_byte(os.path.join(latest, "megatron", "__0_0.distcp"), 3)  # same size: only the checksum tells
+    assert os.path.basename(resolve_resume("auto", store)) == "step_00000002"
+    _save(store, 4)
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("step_00000004.damaged-")]
+    assert len(aside) == 1 and not verify_checkpoint(str(tmp_path / aside[0])).ok
+    assert verify_checkpoint(latest).ok
