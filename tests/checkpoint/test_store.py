@@ -70,7 +70,7 @@ def test_a_stale_latest_pointer_falls_back_to_the_newest_complete_step(tmp_path)
     [
         ("missing", "does not exist"),
         ("no_marker", "incomplete"),
-        ("bad_state", "trainer_state.json: 11 bytes, the manifest says"),
+        ("bad_state", "trainer_state.json: 10 bytes, the manifest says 15 .truncated"),
         ("no_megatron", "megatron/metadata.json: missing"),
     ],
 )
