@@ -24,6 +24,13 @@ def broken(step_dir, tmp_path):
     return str(root / os.path.basename(step_dir))
 
 
+def _rewrite_manifest(step_dir):
+    from megarl.checkpoint.manifest import MANIFEST_FILE, build_manifest
+
+    with open(os.path.join(step_dir, MANIFEST_FILE), "w") as f:
+        json.dump(build_manifest(step_dir, 0), f)
+
+
 def _convert(checkpoint, out, **options):
     return mcore_to_hf(checkpoint, str(out), McoreToHfOptions(progress=False, **options))
 
@@ -135,6 +142,7 @@ def test_no_hf_config_anywhere(broken, tmp_path):
     state["config"]["model"]["path"] = str(tmp_path / "gone")
     with open(state_path, "w") as f:
         json.dump(state, f)
+    _rewrite_manifest(broken)  # as if saved so: not damage, a model folder that is gone since
     with pytest.raises(ConversionError, match="has no config.json here: pass --hf-config"):
         _convert(broken, tmp_path / "out")
 
