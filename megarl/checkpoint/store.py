@@ -270,6 +270,7 @@ def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
     named = store.latest_pointer()
     if named and os.path.isdir(named) and not os.path.exists(os.path.join(named, COMPLETE_MARKER)):
         skipped.append(verify_checkpoint(named))  # its COMPLETE marker was removed after the save
+        store.found_damaged.add(named)
         _notice("warning", f"checkpoint {named} (named by {LATEST_FILE}) is damaged; skipping it (it is kept on "
                            f"disk):\n{skipped[-1].describe()}")
     for path in store.resume_candidates():
