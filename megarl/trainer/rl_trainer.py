@@ -116,8 +116,9 @@ class RLTrainer:
         if self.use_critic:
             with timer.phase("values"):
                 batch = batch.with_fields(values=self.workers.call_rank0("compute_values", batch, critic_mini_batches))
+        reward_baselines = self._reward_baselines(prompts, timer)
         with timer.phase("advantage"):
-            batch, adv_metrics = self._advantages(batch, rollout.uids)
+            batch, adv_metrics = self._advantages(batch, rollout.uids, reward_baselines)
         updates, push = [], {}
         if self.use_critic:
             with timer.phase("update_critic"):
@@ -194,7 +195,19 @@ class RLTrainer:
             for p, per_prompt in zip(prompts, results) for s in per_prompt
         ])
 
-    def _advantages(self, batch, uids):
+    def _reward_baselines(self, prompts, timer) -> torch.Tensor | None:
+        """ReMax's baseline: the score of each prompt's greedy response, `[samples]` (repeated for
+        the prompt's n samples); None for the other estimators (no extra generation)."""
+        if self.cfg.algorithm.adv_estimator != "remax":
+            return None
+        greedy = components.sampling_options(self.cfg, validation=True)
+        with timer.phase("generate_baseline"):
+            results = self.rollout.generate(self._requests(prompts, greedy), greedy)
+        with timer.phase("reward_baseline"):
+            scores = self._score(prompts, results).scores
+        return torch.tensor(scores, dtype=torch.float64).repeat_interleave(self.cfg.rollout.n)
+
+    def _advantages(self, batch, uids, reward_baselines=None):
         from megarl.algorithms import AdvantageOptions, apply_kl_penalty, compute_advantages
 
         a = self.cfg.algorithm
@@ -205,11 +218,13 @@ class RLTrainer:
                                                       batch.fields["ref_logprobs"], mask, self.kl_controller)
         values = batch.fields.get("values")
         advantages, returns = compute_advantages(
-            a.adv_estimator, token_rewards, mask, uids=uids, values=values,
+            a.adv_estimator, token_rewards, mask, uids=uids, values=values, reward_baselines=reward_baselines,
             options=AdvantageOptions(gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std))
         valid = mask.bool()
         metrics.update(summarize("critic/advantages", advantages[valid].tolist()))
         metrics.update(summarize("critic/rewards", token_rewards.sum(-1).tolist()))
+        if reward_baselines is not None:
+            metrics.update(summarize("critic/reward_baselines", reward_baselines.tolist()))
         if values is not None:
             metrics.update(summarize("critic/values", values[valid].tolist()))
             metrics.update(summarize("critic/returns", returns[valid].tolist()))
