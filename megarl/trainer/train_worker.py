@@ -115,6 +115,11 @@ class MegatronTrainWorker:
                 results.append(metrics)
         return results if self.rank == 0 else None
 
+    def set_policy_loss(self, options) -> None:
+        """Use `options` (a PolicyLossOptions) for the following updates: switches the policy loss
+        between runs of `fit` on the same model, optimizer and engines (loss sweeps, curricula)."""
+        self.loss_options = options
+
     # ------------------------------------------------------------------ update
     def update(self, batch, mini_batches: list[list[int]]) -> list[dict]:
         """`ppo_epochs` passes over the mini-batches, one optimizer step each; metrics per step."""
