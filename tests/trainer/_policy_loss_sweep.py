@@ -1,6 +1,7 @@
 """Run by test_policy_loss_demo.py in its own process: ONE trainer from the demo recipe (shrunk batch),
 then `steps` steps with each policy loss in turn, switched between runs of `fit` (one start-up of
-Megatron, vLLM and Ray for all of them). Writes {label: [per-step metrics]} as JSON.
+Megatron, vLLM and Ray for all of them), then ESTIMATOR_STEPS steps with each advantage estimator
+(the driver's algorithm.adv_estimator, switched likewise). Writes {label: [per-step metrics]} as JSON.
 
     python tests/trainer/_policy_loss_sweep.py OUT.json RUN_DIR STEPS
 """
@@ -29,6 +30,9 @@ SWEEP = {
     "token_sum_k3_plus": dict(policy_loss="ppo", loss_agg_mode="token-sum", kl_loss_type="k3+"),
 }
 
+ESTIMATORS = ["remax", "opo", "gpg", "grpo_passk"]
+ESTIMATOR_STEPS = 3
+
 
 def main(out_path: str, run_dir: str, steps: int) -> None:
     import dataclasses
@@ -41,7 +45,7 @@ def main(out_path: str, run_dir: str, steps: int) -> None:
     model_dir, train, val = prepare(run_dir, 0.02)
     cfg = load_config(CONFIG, {
         "model.path": model_dir, "data.train_files": [train], "data.val_files": [], "trainer.output_dir": run_dir,
-        "trainer.total_steps": steps * len(SWEEP), "trainer.save_freq": 0, "trainer.test_freq": -1,
+        "trainer.total_steps": steps * len(SWEEP) + ESTIMATOR_STEPS * len(ESTIMATORS), "trainer.save_freq": 0, "trainer.test_freq": -1,
         "trainer.logger": ["console"], "data.train_batch_size": 4, "rollout.n": 4, "actor.ppo_mini_batch_size": 2,
         "actor.micro_batch_size": 4,
     })
@@ -56,6 +60,13 @@ def main(out_path: str, run_dir: str, steps: int) -> None:
             started = time.perf_counter()
             results[label] = trainer.fit()
             results[f"{label}_s"] = time.perf_counter() - started
+        trainer.workers.call_all("set_policy_loss", base)
+        for name in ESTIMATORS:
+            trainer.cfg.algorithm.adv_estimator = name
+            trainer.total_steps = trainer.step + ESTIMATOR_STEPS
+            started = time.perf_counter()
+            results[name] = trainer.fit()
+            results[f"{name}_s"] = time.perf_counter() - started
     finally:
         trainer.close()
     with open(out_path, "w") as f:

@@ -1,5 +1,6 @@
 """The demo recipe (real Megatron ranks as Ray actors, a vLLM CPU engine) runs 10 steps with each
-policy loss added for verl 0.9.1 users, without error: finite losses and gradients at every step.
+policy loss added for verl 0.9.1 users, without error: finite losses and gradients at every step;
+then a few steps with each new outcome estimator, ReMax with its greedy baseline generated in the loop.
 One trainer start-up serves all of them (the loss is switched between runs of `fit`); the batch is
 shrunk to 4 prompts x 4 samples to keep the sweep short."""
 
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.trainer._policy_loss_sweep import SWEEP
+from tests.trainer._policy_loss_sweep import ESTIMATOR_STEPS, ESTIMATORS, SWEEP
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -40,3 +41,15 @@ def test_demo_runs_ten_steps_with_the_policy_loss(sweep, label):
         for key in ("actor/pg_loss", "actor/loss", "actor/grad_norm", "actor/ppo_kl"):
             assert math.isfinite(metrics[key]), (label, key, metrics[key])
     assert any(m["actor/grad_norm"] > 0 for m in history), label
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_demo_runs_with_the_advantage_estimator(sweep, name):
+    history = sweep[name]
+    assert len(history) == ESTIMATOR_STEPS
+    for metrics in history:
+        assert math.isfinite(metrics["critic/advantages/mean"]) and math.isfinite(metrics["actor/grad_norm"])
+        # ReMax generates its greedy baseline in the loop; the others generate nothing extra
+        assert ("timing_s/generate_baseline" in metrics) == (name == "remax"), name
+        if name == "remax":
+            assert math.isfinite(metrics["critic/reward_baselines/mean"])
