@@ -63,6 +63,8 @@ def geo_mean(log_prob, old_log_prob, advantages, loss_mask, options: "PolicyLoss
     The per-token loss is L_i on every loss token of row i, so seq-mean-token-mean gives verl's
     mean over sequences of L_i (verl always uses that; other modes weight sequences differently).
     Note: clip_ratio_low/high bound the LOG-ratio here (the paper uses 0.4, i.e. r in [e^-0.4, e^0.4]).
+    With tis.is_cap the TIS weight multiplies each token's share of L_i; tis.level=geometric makes it
+    one weight per sequence, as verl's geometric-mean weighting of GMPO.
     clipped / clipped_lower: the clip is active on a token with A > 0 / A < 0.
     """
     mask = loss_mask.to(log_prob.dtype)
