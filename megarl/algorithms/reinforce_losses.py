@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from megarl.algorithms.policy_losses import (
     LossNeeds,
     PolicyLossTerms,
