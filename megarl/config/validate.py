@@ -174,9 +174,6 @@ def _algorithm(cfg, errors, warnings):
     _loss_specific(cfg, errors)
 
 
-# Estimators whose extra input the training engine does not produce yet (sum over the vocabulary of pi^2).
-NEEDS_SUM_PI_SQUARED = ("optimal_token_baseline", "tir_optimal_token_baseline")
-
 
 def _loss_specific(cfg, errors):
     """Options of the individual policy losses / estimators, and what they need from the rollout."""
@@ -200,9 +197,9 @@ def _loss_specific(cfg, errors):
             errors.append(f"algorithm.policy_loss: bypass_mode uses the rollout engine's log-probs as the old policy, "
                           f"which with rollout.top_p={r.top_p} / top_k={r.top_k} come from the truncated sampling "
                           "distribution, not the one the trainer computes; set top_p=1 and top_k=-1 (or 0)")
-    if a.adv_estimator in NEEDS_SUM_PI_SQUARED:
-        errors.append(f"algorithm.adv_estimator: {a.adv_estimator} needs sum_v pi_v^2 per token from the forward pass, "
-                      "which megarl's training engine does not compute yet; use grpo, rloo, opo, gpg, ...")
+    if a.adv_estimator in ("optimal_token_baseline", "tir_optimal_token_baseline") and cfg.rollout.n < 2:
+        errors.append(f"rollout.n: {a.adv_estimator} baselines each position with the other responses to the same "
+                      f"prompt, so it needs rollout.n >= 2 (got {cfg.rollout.n})")
 
 
 def _optimizer(cfg, errors, warnings, o=None, section: str = "optimizer"):

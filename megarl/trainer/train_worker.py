@@ -82,6 +82,13 @@ class MegatronTrainWorker:
                 out[indices, : lp.size(1)] = lp
         return out if self.rank == 0 else None
 
+    def compute_sum_pi_squared(self, batch):
+        """Token-aligned sum over the vocabulary of pi^2 `[B, S]` under the actor at the rollout
+        temperature (the optimal token baseline's input; rank 0 returns it)."""
+        out = self.actor.forward_sum_pi_squared(batch, temperature=self.cfg.rollout.temperature or 1.0,
+                                                micro_batches=micro_batch_options(self.cfg, for_log_prob=True))
+        return out if self.rank == 0 else None
+
     def compute_values(self, batch, mini_batches=None):
         """The critic's token-aligned values `[B, S]` (rank 0 returns them); with `mini_batches`, per
         mini-batch with the critic's training micro-batch plan (the first value update then starts

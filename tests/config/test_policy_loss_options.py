@@ -64,12 +64,13 @@ def test_pass_at_k_needs_groups():
     assert msg.startswith("rollout.n: grpo_passk compares responses within a prompt group")
 
 
-def test_optimal_token_baseline_is_refused_until_the_engine_computes_sum_pi_squared():
-    msg = _problem({"algorithm.adv_estimator": "optimal_token_baseline"})
-    assert msg.startswith("algorithm.adv_estimator: optimal_token_baseline needs sum_v pi_v^2 per token")
+def test_optimal_token_baseline_needs_groups():
+    msg = _problem({"algorithm.adv_estimator": "tir_optimal_token_baseline", "rollout.n": 1})
+    assert msg.startswith("rollout.n: tir_optimal_token_baseline baselines each position with the other responses")
 
 
 def test_new_names_are_accepted():
     for overrides in ({"algorithm.policy_loss": "gmpo"}, {"algorithm.adv_estimator": "remax", "rollout.n": 1},
-                      {"algorithm.adv_estimator": "opo"}, {"algorithm.kl_loss_type": "low_var_kl+"}):
+                      {"algorithm.adv_estimator": "opo"}, {"algorithm.kl_loss_type": "low_var_kl+"},
+                      {"algorithm.adv_estimator": "optimal_token_baseline"}):
         _load(overrides)

@@ -30,7 +30,7 @@ SWEEP = {
     "token_sum_k3_plus": dict(policy_loss="ppo", loss_agg_mode="token-sum", kl_loss_type="k3+"),
 }
 
-ESTIMATORS = ["remax", "opo", "gpg", "grpo_passk"]
+ESTIMATORS = ["remax", "opo", "gpg", "grpo_passk", "optimal_token_baseline", "tir_optimal_token_baseline"]
 ESTIMATOR_STEPS = 3
 
 

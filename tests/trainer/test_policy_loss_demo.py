@@ -49,7 +49,9 @@ def test_demo_runs_with_the_advantage_estimator(sweep, name):
     assert len(history) == ESTIMATOR_STEPS
     for metrics in history:
         assert math.isfinite(metrics["critic/advantages/mean"]) and math.isfinite(metrics["actor/grad_norm"])
-        # ReMax generates its greedy baseline in the loop; the others generate nothing extra
+        # ReMax generates its greedy baseline in the loop, the optimal token baselines run a sum-pi^2
+        # forward; the others do nothing extra
         assert ("timing_s/generate_baseline" in metrics) == (name == "remax"), name
+        assert ("timing_s/sum_pi_squared" in metrics) == name.endswith("optimal_token_baseline"), name
         if name == "remax":
             assert math.isfinite(metrics["critic/reward_baselines/mean"])
