@@ -15,7 +15,10 @@ rollouts). zero_tail (default: off / on, as verl's handle_zero_tail): where the 
 response of a group extends past the second longest, its baseline there is 0 (no other response
 estimates it). A singleton group has baseline 0 (advantage = reward-to-go).
 
-Inputs beyond the usual: old_log_prob `[batch, seq]` (nats) and sum_pi_squared `[batch, seq]`.
+Inputs beyond the usual: old_log_prob `[batch, seq]` (nats) and sum_pi_squared `[batch, seq]`; the
+trainer computes the latter with one more actor forward (`MegatronTrainWorker.compute_sum_pi_squared`).
+Difference from verl: with rollout IS on, verl scales w_t by the squared IS weight; here the
+baseline does not (tis.is_cap still weights the loss).
 """
 
 from __future__ import annotations
