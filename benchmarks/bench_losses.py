@@ -3,17 +3,29 @@
 One step = 64k token positions ([64, 1024], ~3/4 of them loss tokens): PPO with clip-higher and dual
 clip, k3 KL loss, entropy bonus, token-level truncated IS, token-mean over global normalisers. The
 reference computes the same loss row by row with Python loops (the way one first writes it); both
-results are checked equal before timing. Run: `.venv/bin/python benchmarks/bench_losses.py`.
+results are checked equal before timing. Then every registered policy loss (aliases once) is timed
+on the same inputs with the same KL / entropy / TIS terms (bypass_mode uses its own IS weight; the
+Clip-Cov / KL-Cov mini-batch selection is timed with the loss, it runs once per mini-batch).
+Run: `.venv/bin/python benchmarks/bench_losses.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
 import torch
 
-from megarl.algorithms import PolicyLossOptions, RolloutCorrectionOptions, compute_loss_normalisers, compute_policy_loss
+from megarl.algorithms import (
+    POLICY_LOSSES,
+    PolicyLossOptions,
+    RolloutCorrectionOptions,
+    compute_loss_normalisers,
+    compute_policy_loss,
+    policy_loss_needs,
+    prepare_policy_loss_inputs,
+)
 
 BATCH, SEQ, PROMPT = 64, 1024, 256
 OPTIONS = PolicyLossOptions(
@@ -100,6 +112,44 @@ def main(repeats: int = 10, warmup: int = 2, threads: int = 1):
     print(f"{'megarl compute_policy_loss':<34}{t_ours * 1e3:>10.2f}")
     print(f"{'naive plain-PyTorch reference':<34}{t_ref * 1e3:>10.2f}")
     print(f"ratio megarl / naive = {t_ours / t_ref:.2f}  (same loss and gradient, checked)")
+    every_loss(x, norm, repeats, warmup)
+
+
+def loss_options(name: str) -> PolicyLossOptions:
+    """OPTIONS with policy_loss=name (bypass_mode: no TIS weight on top of its own)."""
+    if policy_loss_needs(name).rollout_log_prob:  # bypass_mode
+        return dataclasses.replace(OPTIONS, policy_loss=name, rollout_correction=RolloutCorrectionOptions())
+    return dataclasses.replace(OPTIONS, policy_loss=name)
+
+
+def every_loss(x, norm, repeats: int, warmup: int) -> None:
+    by_function: dict[int, list[str]] = {}
+    for name in POLICY_LOSSES.names():
+        by_function.setdefault(id(POLICY_LOSSES.get(name)), []).append(name)
+    rows = []
+    for names in by_function.values():
+        name = names[0]
+        options = loss_options(name)
+
+        def step(lp, e, options=options):
+            inputs = prepare_policy_loss_inputs(options, x["old"], x["adv"], x["mask"])
+            loss, _ = compute_policy_loss(lp, x["old"], x["adv"], x["mask"], norm, options, ref_log_prob=x["ref"],
+                                          rollout_log_prob=x["rollout"], entropy=e, mini_batch_inputs=inputs)
+            return loss
+
+        times = []
+        for i in range(warmup + repeats):
+            t, loss, grad = loss_and_backward(step, x)
+            if i >= warmup:
+                times.append(t)
+        if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
+            raise RuntimeError(f"{name}: non-finite loss or gradient")
+        rows.append((" / ".join(names), statistics.median(times)))
+    base = dict(rows)["ppo / vanilla"]
+    print(f"\nevery registered policy loss (+ k3 KL, entropy, TIS), median of {repeats}")
+    print(f"{'policy_loss':<34}{'ms/step':>10}{'x ppo':>8}")
+    for name, t in rows:
+        print(f"{name:<34}{t * 1e3:>10.2f}{t / base:>8.2f}")
 
 
 if __name__ == "__main__":

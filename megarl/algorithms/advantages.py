@@ -14,7 +14,12 @@ baseline: as in verl its baseline is 0 and its std 1, so its advantage is its ra
 whose rewards are all equal gets zero advantages (std 0, the 1e-6 epsilon keeps it finite).
 
 Register your own with `@register_advantage("name")`; it receives keyword arguments
-token_level_rewards, response_mask, uids, values, options (ignore what you do not need).
+token_level_rewards, response_mask, uids, values, options, and the optional rollout inputs
+reward_baselines (`[batch]`, ReMax), old_log_prob and sum_pi_squared (`[batch, seq]`, optimal token
+baseline) (ignore what you do not need).
+
+Further estimators: remax, opo, gpg, grpo_passk in group_advantages.py; optimal_token_baseline and
+tir_optimal_token_baseline in token_baseline.py.
 """
 
 from __future__ import annotations
@@ -64,8 +69,15 @@ def compute_advantages(
     uids: Sequence[Hashable] | torch.Tensor | None = None,
     values: torch.Tensor | None = None,
     options: AdvantageOptions | None = None,
+    reward_baselines: torch.Tensor | None = None,
+    old_log_prob: torch.Tensor | None = None,
+    sum_pi_squared: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the registered estimator `name`. Returns (advantages, returns), each `[batch, seq]`."""
+    """Run the registered estimator `name`. Returns (advantages, returns), each `[batch, seq]`.
+
+    reward_baselines: `[batch]` the score of each sample's baseline response (ReMax: the greedy
+    response to the same prompt). old_log_prob, sum_pi_squared: `[batch, seq]` the sampled token's
+    log-prob and sum_v pi_v^2 under the sampling policy (optimal token baseline)."""
     fn = ADVANTAGE_ESTIMATORS.get(name)
     if token_level_rewards.dim() != 2 or token_level_rewards.shape != response_mask.shape:
         raise ValueError(
@@ -80,6 +92,9 @@ def compute_advantages(
         uids=uids,
         values=values,
         options=options or AdvantageOptions(),
+        reward_baselines=reward_baselines,
+        old_log_prob=old_log_prob,
+        sum_pi_squared=sum_pi_squared,
     )
 
 

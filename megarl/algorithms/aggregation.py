@@ -16,6 +16,8 @@ Modes (`values`, `mask` are `[batch, seq]`; a "sequence" is a row with at least 
   seq-mean-token-sum       sum(values*mask) / global_num_sequences
   seq-mean-token-mean      sum_seq( sum_t(values*mask) / num_tokens(seq) ) / global_num_sequences
   seq-mean-token-sum-norm  sum(values*mask) / (global_num_sequences * max_response_length)
+  token-sum                sum(values*mask)          (no normaliser: verl 0.9.1's token-sum; the loss
+                                                     scale grows with the batch's token count)
 The last is Dr.GRPO's constant normaliser. verl divides by the padded width of the micro-batch tensor
 (which changes with padding and micro-batching, and it omits the sequence count); here the constant
 is the configured maximum response length, so the result does not depend on padding or splitting.
@@ -110,6 +112,11 @@ def _seq_mean_token_sum_norm(values, mask, norm: LossNormalisers):
             "pass compute_loss_normalisers(..., max_response_length=<configured max response tokens>)"
         )
     return _masked(values, mask).sum() / _safe(norm.num_sequences * norm.max_response_length)
+
+
+@LOSS_AGG_MODES.register("token-sum")
+def _token_sum(values, mask, norm: LossNormalisers):
+    return _masked(values, mask).sum()
 
 
 def aggregate_loss(

@@ -6,7 +6,7 @@ metrics over micro-batches and DP ranks. Every rank holds the same global batch,
 are computed once from its loss mask with no communication:
 
     mask, rej = apply_rollout_rejection(old, rollout, batch.fields["loss_mask"], options.rollout_correction)
-    batch = batch.with_fields(loss_mask=mask)
+    batch = batch.with_fields(loss_mask=mask, **prepare_policy_loss_inputs(options, old, advantages, mask))
     normalisers = compute_loss_normalisers(mask, max_response_length=cfg.max_response_length)
     engine.train_step(batch, policy_loss_fn(options, normalisers), with_entropy=options.entropy_coeff != 0)
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from megarl.algorithms.aggregation import LossNormalisers
 from megarl.algorithms.loss import PolicyLossOptions, compute_policy_loss, compute_value_loss
+from megarl.algorithms.policy_losses import policy_loss_needs
 from megarl.algorithms.preference import compute_sft_loss
 
 
@@ -38,10 +39,16 @@ def policy_loss_fn(options: PolicyLossOptions, normalisers: LossNormalisers, fie
     """A `loss_fn` for `engine.train_step` computing `compute_policy_loss` on each micro-batch.
 
     old_logprobs missing = on-policy (log_prob.detach()); ref_logprobs is read only with use_kl_loss;
-    rollout_logprobs is read when present (TIS and mismatch metrics)."""
+    rollout_logprobs is read when present (TIS and mismatch metrics); the policy loss's mini-batch
+    inputs (`prepare_policy_loss_inputs`, e.g. cov_selected) are read by their field names."""
+    mini_batch_fields = policy_loss_needs(options.policy_loss).mini_batch_fields
 
     def loss_fn(logprobs, entropy, micro_batch):
         f = micro_batch.fields
+        missing = [name for name in mini_batch_fields if name not in f]
+        if missing:
+            raise ValueError(f"policy_loss {options.policy_loss!r} needs mini-batch fields {missing}: attach "
+                             "prepare_policy_loss_inputs(...) to the mini-batch before train_step")
         old = f.get(fields.old_log_prob)
         return compute_policy_loss(
             logprobs,
@@ -53,6 +60,7 @@ def policy_loss_fn(options: PolicyLossOptions, normalisers: LossNormalisers, fie
             ref_log_prob=f[fields.ref_log_prob] if options.use_kl_loss else None,
             rollout_log_prob=f.get(fields.rollout_log_prob),
             entropy=entropy,
+            mini_batch_inputs={name: f[name] for name in mini_batch_fields},
         )
 
     return loss_fn

@@ -6,6 +6,10 @@ Per-token estimators of KL(pi || ref) from the sampled token's log-probs (nats),
   abs                    |delta|
   k2 ("mse")             delta^2 / 2
   k3 ("low_var_kl")      exp(-delta) + delta - 1                     unbiased, >= 0, low variance
+Straight-through variants (verl 0.9.1), "<name>+" for k1/kl, abs, k3/low_var_kl: the VALUE of the
+base estimator with the GRADIENT of k2, delta * grad(log pi): k1's and k3's expected gradients are
+not the gradient of KL(pi || ref), k2's is (Schulman 2020; Tang & Munos, arXiv:2506.09477):
+  k+ = k2 - sg(k2) + sg(k)
 k3 clamps as verl does: -delta to [-20, 20] before exp (no overflow), the result to [-10, 10]
 (one wild token cannot dominate the loss; the gradient is zero beyond the clamp).
 
@@ -51,6 +55,20 @@ def kl_k2(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
 def kl_k3(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
     log_ratio = (ref_log_prob - log_prob).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
     return (log_ratio.exp() - log_ratio - 1).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
+
+
+def _straight_through(base: KLEstimator) -> KLEstimator:
+    def estimator(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+        k2 = kl_k2(log_prob, ref_log_prob)
+        return k2 - k2.detach() + base(log_prob, ref_log_prob).detach()
+
+    estimator.__doc__ = f"value of {base.__name__}, gradient of k2 (straight-through)"
+    return estimator
+
+
+kl_k1_plus = register_kl_estimator("k1+", aliases=("kl+",))(_straight_through(kl_k1))
+kl_abs_plus = register_kl_estimator("abs+")(_straight_through(kl_abs))
+kl_k3_plus = register_kl_estimator("k3+", aliases=("low_var_kl+",))(_straight_through(kl_k3))
 
 
 def kl_divergence(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

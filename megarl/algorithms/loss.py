@@ -27,7 +27,7 @@ import torch
 
 from megarl.algorithms.aggregation import LOSS_AGG_MODES, LossNormalisers, aggregate_loss, token_share
 from megarl.algorithms.kl import KL_ESTIMATORS, kl_divergence
-from megarl.algorithms.policy_losses import POLICY_LOSSES
+from megarl.algorithms.policy_losses import POLICY_LOSSES, policy_loss_needs
 from megarl.algorithms.rollout_correction import (
     RolloutCorrectionOptions,
     mismatch_metrics,
@@ -38,9 +38,14 @@ from megarl.algorithms.rollout_correction import (
 
 @dataclass
 class PolicyLossOptions:
-    """policy_loss: a POLICY_LOSSES name ("ppo"/"vanilla", "gspo"). clip_ratio_low/high default to
-    clip_ratio (DAPO clip-higher: e.g. 0.2 / 0.28). clip_ratio_c: dual-clip bound for negative
-    advantages (> 1; None disables). kl_loss_type: a KL_ESTIMATORS name."""
+    """policy_loss: a POLICY_LOSSES name (ppo/vanilla, gspo, cispo, sapo, geo_mean/gmpo, clip_cov,
+    kl_cov, dppo_tv, dppo_kl, reinforce/gpg, dro, bypass_mode). clip_ratio_low/high default to
+    clip_ratio (DAPO clip-higher: e.g. 0.2 / 0.28; for dppo_* they are the divergence thresholds,
+    for geo_mean log-ratio bounds). clip_ratio_c: dual-clip bound for negative advantages (> 1; None
+    disables; dppo_* truncate their IS weight at it). kl_loss_type: a KL_ESTIMATORS name.
+    Loss-specific (verl's names): tau_pos / tau_neg (sapo gate temperatures); clip_cov_ratio,
+    clip_cov_lb, clip_cov_ub (clip_cov); kl_cov_ratio, ppo_kl_coef (kl_cov); dro_beta (dro);
+    bypass_loss_type "ppo_clip" | "reinforce" (bypass_mode)."""
 
     policy_loss: str = "ppo"
     clip_ratio: float = 0.2
@@ -52,9 +57,20 @@ class PolicyLossOptions:
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
     entropy_coeff: float = 0.0
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 1.0
+    dro_beta: float = 0.1
+    bypass_loss_type: str = "ppo_clip"
     rollout_correction: RolloutCorrectionOptions = field(default_factory=RolloutCorrectionOptions)
 
     def __post_init__(self):
+        from megarl.algorithms.reinforce_losses import BYPASS_LOSS_TYPES
+
         POLICY_LOSSES.check(self.policy_loss)
         LOSS_AGG_MODES.check(self.loss_agg_mode)
         KL_ESTIMATORS.check(self.kl_loss_type)
@@ -70,6 +86,27 @@ class PolicyLossOptions:
         for name in ("kl_loss_coef", "entropy_coeff"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        for name in ("tau_pos", "tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} (SAPO gate temperature) must be > 0, got {getattr(self, name)}")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} (fraction of loss tokens) must lie in (0, 1], got {getattr(self, name)}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} >= {self.clip_cov_ub}")
+        if not (self.ppo_kl_coef >= 0 and self.dro_beta >= 0):
+            raise ValueError(f"ppo_kl_coef and dro_beta must be >= 0, got {self.ppo_kl_coef}, {self.dro_beta}")
+        if self.bypass_loss_type not in BYPASS_LOSS_TYPES:
+            raise ValueError(f"unknown bypass_loss_type {self.bypass_loss_type!r}; registered: {', '.join(BYPASS_LOSS_TYPES)}")
+        if self.bypasses_old_policy and self.bypass_loss_type == "ppo_clip" and self.rollout_correction.is_cap is not None:
+            raise ValueError("bypass_mode with bypass_loss_type=ppo_clip: the PPO ratio pi/pi_rollout already corrects "
+                             "for the rollout mismatch, an IS weight (tis.is_cap) would count it twice; unset tis.is_cap "
+                             "or use bypass_loss_type=reinforce (which truncates its weight at is_cap)")
+
+    @property
+    def bypasses_old_policy(self) -> bool:
+        """The loss uses the rollout log-probs as the old policy (and applies its own IS weight)."""
+        return policy_loss_needs(self.policy_loss).rollout_log_prob
 
     @classmethod
     def from_config(cls, algorithm) -> "PolicyLossOptions":
@@ -110,6 +147,7 @@ def compute_policy_loss(
     ref_log_prob: torch.Tensor | None = None,
     rollout_log_prob: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    mini_batch_inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's share of the actor loss and metrics.
 
@@ -118,7 +156,9 @@ def compute_policy_loss(
     advantages: `[batch, seq]`. loss_mask: `[batch, seq]` 0/1 (after any rollout rejection).
     ref_log_prob: needed with use_kl_loss. rollout_log_prob: the rollout engine's log-probs, enables
     TIS weighting (if is_cap) and the mismatch metrics. entropy: `[batch, seq]` per-token entropy
-    (nats), differentiable, needed if entropy_coeff != 0.
+    (nats), differentiable, needed if entropy_coeff != 0. mini_batch_inputs: this micro-batch's rows
+    of `prepare_policy_loss_inputs(...)` computed on the whole mini-batch (clip_cov, kl_cov need it).
+    A bypass_mode loss needs rollout_log_prob and applies its own IS weight (no TIS weight on top).
     """
     _check_shapes(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, loss_mask=loss_mask,
                   ref_log_prob=ref_log_prob, rollout_log_prob=rollout_log_prob, entropy=entropy)
@@ -133,7 +173,19 @@ def compute_policy_loss(
     mask = loss_mask.to(log_prob.dtype)
     mode = options.loss_agg_mode
     old_log_prob, advantages = old_log_prob.detach(), advantages.detach()
-    terms = POLICY_LOSSES.get(options.policy_loss)(log_prob, old_log_prob, advantages, mask, options)
+    needs = policy_loss_needs(options.policy_loss)
+    extra = {}
+    if needs.rollout_log_prob:
+        if rollout_log_prob is None:
+            raise ValueError(f"policy_loss {options.policy_loss!r} uses the rollout log-probs as the old policy; "
+                             "pass rollout_log_prob")
+        extra["rollout_log_prob"] = rollout_log_prob.detach()
+    for name in needs.mini_batch_fields:
+        if mini_batch_inputs is None or name not in mini_batch_inputs:
+            raise ValueError(f"policy_loss {options.policy_loss!r} needs the mini-batch input {name!r}: call "
+                             "prepare_policy_loss_inputs on the whole mini-batch and pass its rows as mini_batch_inputs")
+        extra[name] = mini_batch_inputs[name].detach()
+    terms = POLICY_LOSSES.get(options.policy_loss)(log_prob, old_log_prob, advantages, mask, options, **extra)
     per_token = terms.per_token_loss
     metrics: dict[str, torch.Tensor] = {}
 
@@ -147,7 +199,7 @@ def compute_policy_loss(
                     "apply_rollout_rejection on the mini-batch before compute_loss_normalisers"
                 )
         is_weights = truncated_is_weights(old_log_prob, rollout_log_prob, mask, correction)
-        if correction.is_cap is not None:
+        if correction.is_cap is not None and not needs.rollout_log_prob:
             per_token = per_token * is_weights[0]
         metrics.update(mismatch_metrics(old_log_prob, rollout_log_prob, mask, normalisers, correction, is_weights))
 

@@ -203,7 +203,8 @@ class AlgorithmConfig:
     gamma: float = 1.0
     lam: float = 1.0
     policy_loss: str = "ppo"
-    """Registered policy loss (megarl.algorithms.POLICY_LOSSES): ppo (= vanilla, PPO clip), gspo, ..."""
+    """Registered policy loss (megarl.algorithms.POLICY_LOSSES): ppo (= vanilla, PPO clip), gspo, cispo, sapo,
+    geo_mean (= gmpo), clip_cov, kl_cov, dppo_tv, dppo_kl, reinforce (= gpg), dro, bypass_mode."""
     clip_ratio: float = 0.2
     clip_ratio_low: Optional[float] = None
     """None = clip_ratio. The ratio is clipped to [1 - low, 1 + high]."""
@@ -213,12 +214,32 @@ class AlgorithmConfig:
     """Dual-clip bound for negative advantages (> 1); None disables dual clip."""
     loss_agg_mode: str = "token-mean"
     """Registered (megarl.algorithms.LOSS_AGG_MODES): token-mean, seq-mean-token-sum, seq-mean-token-mean,
-    seq-mean-token-sum-norm."""
+    seq-mean-token-sum-norm, token-sum."""
     entropy_coeff: float = 0.0
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
-    """Registered KL estimator (megarl.algorithms.KL_ESTIMATORS): k1/kl, abs, k2/mse, k3/low_var_kl."""
+    """Registered KL estimator (megarl.algorithms.KL_ESTIMATORS): k1/kl, abs, k2/mse, k3/low_var_kl, and the
+    straight-through k1+/kl+, abs+, k3+/low_var_kl+ (value of the estimator, gradient of k2)."""
+    tau_pos: float = 1.0
+    """sapo: gate temperature for tokens with a positive advantage."""
+    tau_neg: float = 1.05
+    """sapo: gate temperature for tokens with a non-positive advantage."""
+    clip_cov_ratio: float = 0.0002
+    """clip_cov: fraction of the mini-batch's loss tokens whose gradient is removed."""
+    clip_cov_lb: float = 1.0
+    """clip_cov: lower bound of the covariance band the removed tokens are drawn from."""
+    clip_cov_ub: float = 5.0
+    """clip_cov: upper bound of that band."""
+    kl_cov_ratio: float = 0.0002
+    """kl_cov: fraction of the mini-batch's loss tokens (largest covariance) given the KL penalty."""
+    ppo_kl_coef: float = 1.0
+    """kl_cov: coefficient of the |log ratio| penalty on the selected tokens."""
+    dro_beta: float = 0.1
+    """dro: coefficient of the quadratic log-ratio penalty."""
+    bypass_loss_type: Literal["ppo_clip", "reinforce"] = "ppo_clip"
+    """bypass_mode: PPO clip against the rollout log-probs, or REINFORCE with the IS weight pi/pi_rollout
+    (truncated at tis.is_cap)."""
     use_kl_in_reward: bool = False
     kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
     tis: TISConfig = field(default_factory=TISConfig)

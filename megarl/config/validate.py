@@ -155,7 +155,7 @@ def _algorithm(cfg, errors, warnings):
         errors.append(f"algorithm.clip_ratio_low: must be < 1 (the ratio is clipped at 1 - low), got {a.clip_ratio_low}")
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
         errors.append(f"algorithm.clip_ratio_c: the dual-clip bound must be > 1, got {a.clip_ratio_c}")
-    if a.adv_estimator in ("grpo", "rloo") and cfg.rollout.n < 2:
+    if a.adv_estimator in ("grpo", "rloo", "grpo_passk") and cfg.rollout.n < 2:
         errors.append(f"rollout.n: {a.adv_estimator} compares responses within a prompt group, so it needs "
                       f"rollout.n >= 2 (got {cfg.rollout.n})")
     if a.use_kl_loss and a.use_kl_in_reward:
@@ -171,6 +171,35 @@ def _algorithm(cfg, errors, warnings):
         errors.append(f"algorithm.tis.reject_below: must be in [0, 1), got {a.tis.reject_below}")
     _positive(errors, "algorithm.dynamic_sampling.max_num_gen_batches", a.dynamic_sampling.max_num_gen_batches,
               allow_zero=True)
+    _loss_specific(cfg, errors)
+
+
+
+def _loss_specific(cfg, errors):
+    """Options of the individual policy losses / estimators, and what they need from the rollout."""
+    a, r = cfg.algorithm, cfg.rollout
+    for name in ("tau_pos", "tau_neg"):
+        if not getattr(a, name) > 0:
+            errors.append(f"algorithm.{name}: the SAPO gate temperature must be > 0, got {getattr(a, name)}")
+    for name in ("clip_cov_ratio", "kl_cov_ratio"):
+        if not 0 < getattr(a, name) <= 1:
+            errors.append(f"algorithm.{name}: a fraction of the loss tokens, must be in (0, 1], got {getattr(a, name)}")
+    if not a.clip_cov_lb < a.clip_cov_ub:
+        errors.append(f"algorithm.clip_cov_lb: must be < clip_cov_ub, got {a.clip_cov_lb} >= {a.clip_cov_ub}")
+    _positive(errors, "algorithm.ppo_kl_coef", a.ppo_kl_coef, allow_zero=True)
+    _positive(errors, "algorithm.dro_beta", a.dro_beta, allow_zero=True)
+    if a.policy_loss in ("bypass_mode", "bypass"):
+        if a.bypass_loss_type == "ppo_clip" and a.tis.is_cap is not None:
+            errors.append("algorithm.tis.is_cap: bypass_mode with bypass_loss_type=ppo_clip already corrects the rollout "
+                          "mismatch through its ratio pi/pi_rollout; an IS weight would count it twice (unset is_cap, "
+                          "or set bypass_loss_type=reinforce, which truncates pi/pi_rollout at is_cap)")
+        if r.top_p < 1 or r.top_k > 0:
+            errors.append(f"algorithm.policy_loss: bypass_mode uses the rollout engine's log-probs as the old policy, "
+                          f"which with rollout.top_p={r.top_p} / top_k={r.top_k} come from the truncated sampling "
+                          "distribution, not the one the trainer computes; set top_p=1 and top_k=-1 (or 0)")
+    if a.adv_estimator in ("optimal_token_baseline", "tir_optimal_token_baseline") and cfg.rollout.n < 2:
+        errors.append(f"rollout.n: {a.adv_estimator} baselines each position with the other responses to the same "
+                      f"prompt, so it needs rollout.n >= 2 (got {cfg.rollout.n})")
 
 
 def _optimizer(cfg, errors, warnings, o=None, section: str = "optimizer"):

@@ -39,6 +39,7 @@ from megarl.models.forward import (
     run_schedule,
     share_across_world,
     token_scores,
+    token_sum_pi_squared,
     token_values,
 )
 from megarl.models.optimizer import OptimizerOptions, build_optimizer, current_lr
@@ -219,6 +220,20 @@ class MegatronEngine:
             logits, mb, pos, temperature, with_entropy, self.vocab_size), num_outputs=2 if with_entropy else 1)
         logprobs = outputs[0]
         return logprobs, (outputs[1] if with_entropy else None)
+
+    @torch.no_grad()
+    def forward_sum_pi_squared(
+        self, batch: SequenceBatch, temperature: float = 1.0, *, micro_batches: MicroBatchOptions | None = None
+    ) -> torch.Tensor:
+        """Token-aligned sum over the vocabulary of p^2 of the next-token distribution at
+        `temperature`, `[B, S]` like `batch.input_ids` (0 at position 0 and padding), identical on
+        every rank (the optimal token baseline's variance proxy)."""
+        if self.handle.value_head:
+            raise RuntimeError("this engine holds a critic (value head): it has no token distribution")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return self._forward_only(batch, micro_batches, lambda logits, mb, pos: (token_sum_pi_squared(
+            logits, mb, pos, temperature, self.vocab_size),), num_outputs=1)[0]
 
     @torch.no_grad()
     def forward_values(self, batch: SequenceBatch, *, micro_batches: MicroBatchOptions | None = None) -> torch.Tensor:

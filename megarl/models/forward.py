@@ -173,6 +173,18 @@ def token_scores(
     return logprobs, entropy
 
 
+def token_sum_pi_squared(logits, mb: MicroBatch, pos: RankPosition, temperature: float, vocab_size: int | None = None):
+    """Token-aligned sum_v p_v^2 `[b, max_len]` of the next-token distribution at `temperature`
+    (position t: the distribution token t was drawn from), 0 at t = 0 and at padding; no gradient."""
+    from megatron.core import parallel_state as mpu
+
+    from megarl.models.vocab_parallel import vocab_parallel_sum_squared_probs
+
+    logits = mask_vocab_padding(logits, vocab_size, mpu.get_tensor_model_parallel_rank())
+    local = vocab_parallel_sum_squared_probs(logits, mpu.get_tensor_model_parallel_group(), temperature)
+    return mb.aligned(gather_context_parallel(local, mb, pos))
+
+
 def token_values(output: torch.Tensor, mb: MicroBatch, pos: RankPosition) -> torch.Tensor:
     """Token-aligned critic values `[b, max_len]` from a value model's last-stage output
     `[rows, s_local, 1]`: position t holds V(tokens < t), the head's output at position t-1 (the

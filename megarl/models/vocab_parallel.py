@@ -125,3 +125,27 @@ def vocab_parallel_logprobs_entropy(
         raise ValueError(f"target ids must lie in [0, {vocab}); got min {int(target_ids.min())}, max {int(target_ids.max())}")
     logprobs, entropy = _VocabParallelLogprobEntropy.apply(logits, target_ids.long(), tp_group, float(temperature), with_entropy)
     return logprobs, (entropy if with_entropy else None)
+
+
+@torch.no_grad()
+def vocab_parallel_sum_squared_probs(
+    logits: torch.Tensor, tp_group: Optional[dist.ProcessGroup] = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """sum_v p_v^2 of softmax(logits / temperature) over the TP vocab shards, `[...]` (no gradient).
+
+    The optimal token baseline's variance proxy needs it (||grad log p_t||^2 ~ 1 - 2 p_t + sum p^2).
+    Two reductions over the TP group: max (MAX), then [sum exp(x), sum exp(2x)] (SUM) with x the
+    max-shifted logits, so sum p^2 = sum exp(2x) / (sum exp(x))^2. logits as in
+    `vocab_parallel_logprobs_entropy`; fp32 (fp64 stays fp64); identical on every TP rank.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tp_group is None:
+        tp_group = _default_tp_group()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    x_max = x.max(dim=-1, keepdim=True).values
+    _all_reduce(x_max, dist.ReduceOp.MAX, tp_group)
+    x = x - x_max
+    sums = torch.stack([x.exp().sum(-1), (2 * x).exp().sum(-1)])
+    _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+    return sums[1] / sums[0].square()

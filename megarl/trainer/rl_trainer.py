@@ -116,8 +116,9 @@ class RLTrainer:
         if self.use_critic:
             with timer.phase("values"):
                 batch = batch.with_fields(values=self.workers.call_rank0("compute_values", batch, critic_mini_batches))
+        estimator_inputs = self._estimator_inputs(prompts, batch, timer)
         with timer.phase("advantage"):
-            batch, adv_metrics = self._advantages(batch, rollout.uids)
+            batch, adv_metrics = self._advantages(batch, rollout.uids, estimator_inputs)
         updates, push = [], {}
         if self.use_critic:
             with timer.phase("update_critic"):
@@ -194,7 +195,26 @@ class RLTrainer:
             for p, per_prompt in zip(prompts, results) for s in per_prompt
         ])
 
-    def _advantages(self, batch, uids):
+    def _estimator_inputs(self, prompts, batch, timer) -> dict:
+        """What the advantage estimator needs beyond rewards, uids and values, from the rollout path:
+        ReMax the score of each prompt's greedy response (`reward_baselines` `[samples]`, generated
+        here); the optimal token baselines sum_v pi_v^2 per token (one more actor forward) with the
+        old log-probs. Empty for the other estimators (no extra work)."""
+        name = self.cfg.algorithm.adv_estimator
+        if name == "remax":
+            greedy = components.sampling_options(self.cfg, validation=True)
+            with timer.phase("generate_baseline"):
+                results = self.rollout.generate(self._requests(prompts, greedy), greedy)
+            with timer.phase("reward_baseline"):
+                scores = self._score(prompts, results).scores
+            return {"reward_baselines": torch.tensor(scores, dtype=torch.float64).repeat_interleave(self.cfg.rollout.n)}
+        if name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
+            with timer.phase("sum_pi_squared"):
+                sum_pi_squared = self.workers.call_rank0("compute_sum_pi_squared", batch)
+            return {"old_log_prob": batch.fields["old_logprobs"], "sum_pi_squared": sum_pi_squared}
+        return {}
+
+    def _advantages(self, batch, uids, estimator_inputs: dict | None = None):
         from megarl.algorithms import AdvantageOptions, apply_kl_penalty, compute_advantages
 
         a = self.cfg.algorithm
@@ -205,11 +225,13 @@ class RLTrainer:
                                                       batch.fields["ref_logprobs"], mask, self.kl_controller)
         values = batch.fields.get("values")
         advantages, returns = compute_advantages(
-            a.adv_estimator, token_rewards, mask, uids=uids, values=values,
+            a.adv_estimator, token_rewards, mask, uids=uids, values=values, **(estimator_inputs or {}),
             options=AdvantageOptions(gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std))
         valid = mask.bool()
         metrics.update(summarize("critic/advantages", advantages[valid].tolist()))
         metrics.update(summarize("critic/rewards", token_rewards.sum(-1).tolist()))
+        if "reward_baselines" in (estimator_inputs or {}):
+            metrics.update(summarize("critic/reward_baselines", estimator_inputs["reward_baselines"].tolist()))
         if values is not None:
             metrics.update(summarize("critic/values", values[valid].tolist()))
             metrics.update(summarize("critic/returns", returns[valid].tolist()))

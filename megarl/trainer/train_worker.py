@@ -24,18 +24,10 @@ from megarl.trainer.model_worker import (
 
 
 def policy_loss_options(cfg: MegaRLConfig):
-    from megarl.algorithms import PolicyLossOptions, RolloutCorrectionOptions
+    """The actor's PolicyLossOptions: every same-named field of `cfg.algorithm`, and its `tis` section."""
+    from megarl.algorithms import PolicyLossOptions
 
-    a = cfg.algorithm
-    return PolicyLossOptions(
-        policy_loss=a.policy_loss, clip_ratio=a.clip_ratio, clip_ratio_low=a.clip_ratio_low,
-        clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
-        use_kl_loss=a.use_kl_loss, kl_loss_coef=a.kl_loss_coef, kl_loss_type=a.kl_loss_type,
-        entropy_coeff=a.entropy_coeff,
-        rollout_correction=RolloutCorrectionOptions(
-            level=a.tis.level, is_cap=a.tis.is_cap, reject_above=a.tis.reject_above, reject_below=a.tis.reject_below
-        ),
-    )
+    return PolicyLossOptions.from_config(cfg.algorithm)
 
 
 def needs_reference(cfg: MegaRLConfig) -> bool:
@@ -90,6 +82,13 @@ class MegatronTrainWorker:
                 out[indices, : lp.size(1)] = lp
         return out if self.rank == 0 else None
 
+    def compute_sum_pi_squared(self, batch):
+        """Token-aligned sum over the vocabulary of pi^2 `[B, S]` under the actor at the rollout
+        temperature (the optimal token baseline's input; rank 0 returns it)."""
+        out = self.actor.forward_sum_pi_squared(batch, temperature=self.cfg.rollout.temperature or 1.0,
+                                                micro_batches=micro_batch_options(self.cfg, for_log_prob=True))
+        return out if self.rank == 0 else None
+
     def compute_values(self, batch, mini_batches=None):
         """The critic's token-aligned values `[B, S]` (rank 0 returns them); with `mini_batches`, per
         mini-batch with the critic's training micro-batch plan (the first value update then starts
@@ -123,10 +122,20 @@ class MegatronTrainWorker:
                 results.append(metrics)
         return results if self.rank == 0 else None
 
+    def set_policy_loss(self, options) -> None:
+        """Use `options` (a PolicyLossOptions) for the following updates: switches the policy loss
+        between runs of `fit` on the same model, optimizer and engines (loss sweeps, curricula)."""
+        self.loss_options = options
+
     # ------------------------------------------------------------------ update
     def update(self, batch, mini_batches: list[list[int]]) -> list[dict]:
         """`ppo_epochs` passes over the mini-batches, one optimizer step each; metrics per step."""
-        from megarl.algorithms import apply_rollout_rejection, compute_loss_normalisers, policy_loss_fn
+        from megarl.algorithms import (
+            apply_rollout_rejection,
+            compute_loss_normalisers,
+            policy_loss_fn,
+            prepare_policy_loss_inputs,
+        )
 
         options = self.loss_options
         results = []
@@ -139,6 +148,9 @@ class MegatronTrainWorker:
                     mask, extra = apply_rollout_rejection(
                         sub.fields["old_logprobs"], sub.fields["rollout_logprobs"], mask, options.rollout_correction)
                     sub = sub.with_fields(loss_mask=mask)
+                # mini-batch-level loss inputs (Clip-Cov/KL-Cov token selection): one per mini-batch, not per micro-batch
+                sub = sub.with_fields(**prepare_policy_loss_inputs(
+                    options, sub.fields["old_logprobs"], sub.fields["advantages"], mask))
                 normalisers = compute_loss_normalisers(mask, max_response_length=self.cfg.rollout.max_new_tokens)
                 step = self.actor.train_step(
                     sub, policy_loss_fn(options, normalisers), temperature=self.cfg.rollout.temperature or 1.0,

@@ -133,7 +133,7 @@ def test_missing_inputs_and_unknown_names_are_clear_errors():
         compute_advantages("grpo", REWARDS, MASK)
     with pytest.raises(ValueError, match="needs values"):
         compute_advantages("gae", REWARDS, MASK)
-    with pytest.raises(ValueError, match="registered: gae, grpo, reinforce_plus_plus, reinforce_plus_plus_baseline, rloo"):
+    with pytest.raises(ValueError, match="registered: gae, gpg, grpo, grpo_passk, opo, optimal_token_baseline, reinforce_plus_plus, "):
         compute_advantages("ppo", REWARDS, MASK, uids=UIDS)
     with pytest.raises(ValueError, match="5 uids for a batch of 6"):
         compute_advantages("grpo", REWARDS, MASK, uids=UIDS[:5])

@@ -1,7 +1,8 @@
 """The gradient (and every metric) must not depend on how the mini-batch is split.
 
-For each loss_agg_mode, PPO and GSPO (with KL loss, entropy bonus, truncated IS and rejection) and the
-critic loss are computed on the whole batch, on 1, 2 and 4 micro-batches, and on 2 gloo DP ranks with
+For each loss_agg_mode, every registered policy loss (PPO and GSPO with KL loss, entropy bonus,
+truncated IS and rejection; the verl-0.9.1 losses with their options and a KL estimator each) and
+the critic loss are computed on the whole batch, on 1, 2 and 4 micro-batches, and on 2 gloo DP ranks with
 2 micro-batches each (normalisers all-reduced). Gradients summed over micro-batches and ranks must
 equal the whole-batch gradient to 1e-6, and metrics summed likewise must equal the whole-batch ones.
 """
@@ -16,22 +17,50 @@ from megarl.algorithms import (
     compute_loss_normalisers,
     compute_policy_loss,
     compute_value_loss,
+    prepare_policy_loss_inputs,
 )
 from megarl.testing.distributed import run_on_ranks
 
 BATCH, SEQ = 10, 12
-MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"]
+TIS = RolloutCorrectionOptions(level="token", is_cap=1.5, reject_above=3.0)
+COMMON = dict(use_kl_loss=True, kl_loss_coef=0.1, entropy_coeff=0.01)
 POLICY_OPTIONS = {
     "ppo": dict(policy_loss="ppo", clip_ratio=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, use_kl_loss=True,
                 kl_loss_type="low_var_kl", kl_loss_coef=0.1, entropy_coeff=0.01,
                 rollout_correction=RolloutCorrectionOptions(level="token", is_cap=1.5, reject_above=3.0)),
     "gspo": dict(policy_loss="gspo", clip_ratio=0.05, use_kl_loss=True, kl_loss_type="k2", kl_loss_coef=0.1,
                  entropy_coeff=0.01, rollout_correction=RolloutCorrectionOptions(level="sequence", is_cap=1.2)),
+    "cispo": dict(policy_loss="cispo", clip_ratio_high=0.28, kl_loss_type="k3+", rollout_correction=TIS, **COMMON),
+    "sapo": dict(policy_loss="sapo", tau_pos=1.0, tau_neg=1.05, kl_loss_type="k1+", rollout_correction=TIS, **COMMON),
+    "geo_mean": dict(policy_loss="geo_mean", clip_ratio=0.4, kl_loss_type="abs+", rollout_correction=TIS, **COMMON),
+    "clip_cov": dict(policy_loss="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0,
+                     rollout_correction=TIS, **COMMON),
+    "kl_cov": dict(policy_loss="kl_cov", kl_cov_ratio=0.1, ppo_kl_coef=0.5, rollout_correction=TIS, **COMMON),
+    "dppo_tv": dict(policy_loss="dppo_tv", clip_ratio=0.1, clip_ratio_c=2.0, rollout_correction=TIS, **COMMON),
+    "dppo_kl": dict(policy_loss="dppo_kl", clip_ratio=0.05, clip_ratio_c=2.0, rollout_correction=TIS, **COMMON),
+    "reinforce": dict(policy_loss="reinforce", rollout_correction=TIS, **COMMON),
+    "dro": dict(policy_loss="dro", dro_beta=0.5, rollout_correction=TIS, **COMMON),
+    "bypass_ppo": dict(policy_loss="bypass_mode", clip_ratio_high=0.28,
+                       rollout_correction=RolloutCorrectionOptions(reject_above=3.0), **COMMON),
+    "bypass_reinforce": dict(policy_loss="bypass_mode", bypass_loss_type="reinforce",
+                             rollout_correction=RolloutCorrectionOptions(level="geometric", is_cap=1.2), **COMMON),
 }
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Rows of varied prompt/response lengths (one with no response token), off-policy log-probs."""
+    """Rows of varied prompt/response lengths (one with no response token), off-policy log-probs.
+    float64: the property is exact algebra, and token-sum's unnormalised sums (~10) would carry
+    float32 rounding of ~1e-6 that has nothing to do with the split."""
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            return _make_batch(seed)
+        finally:
+            torch.set_default_dtype(torch.float32)
+
+
+def _make_batch(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(BATCH, SEQ)
     for row in range(BATCH):
@@ -62,6 +91,12 @@ def grads_and_metrics(batch, rows: torch.Tensor, num_micro_batches: int, dp_grou
     for name, kw in POLICY_OPTIONS.items():
         for mode in MODES:
             options = PolicyLossOptions(loss_agg_mode=mode, **kw)
+            # mini-batch-level inputs (Clip-Cov/KL-Cov selection) from the WHOLE mini-batch, as every DP
+            # rank of the trainer holds it; each rank then uses its rows
+            full_mask, _ = apply_rollout_rejection(batch["old_log_prob"], batch["rollout_log_prob"], batch["mask"],
+                                                   options.rollout_correction)
+            inputs = prepare_policy_loss_inputs(options, batch["old_log_prob"], batch["advantages"], full_mask)
+            inputs = {k: v[rows] for k, v in inputs.items()}
             mask, _ = apply_rollout_rejection(batch["old_log_prob"][rows], batch["rollout_log_prob"][rows],
                                               batch["mask"][rows], options.rollout_correction, dp_group=dp_group)
             norm = compute_loss_normalisers(mask, max_response_length=SEQ, dp_group=dp_group)
@@ -72,7 +107,7 @@ def grads_and_metrics(batch, rows: torch.Tensor, num_micro_batches: int, dp_grou
                 loss, m = compute_policy_loss(
                     log_prob[mb], batch["old_log_prob"][rows][mb], batch["advantages"][rows][mb], mask[mb], norm, options,
                     ref_log_prob=batch["ref_log_prob"][rows][mb], rollout_log_prob=batch["rollout_log_prob"][rows][mb],
-                    entropy=entropy[mb],
+                    entropy=entropy[mb], mini_batch_inputs={k: v[mb] for k, v in inputs.items()},
                 )
                 loss.backward()
                 for k, v in m.items():
@@ -98,8 +133,8 @@ def assert_same(split: dict, whole: dict, rows=None):
                 for metric, value in grad.items():
                     assert value == pytest.approx(ref["metrics"][metric], abs=1e-6), (key, metric)
             else:
-                grad = torch.as_tensor(grad)
                 expected = ref[tensor_name] if rows is None else ref[tensor_name][rows]
+                grad = torch.as_tensor(grad, dtype=expected.dtype)
                 torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6, msg=f"{key} {tensor_name}")
 
 
@@ -116,6 +151,11 @@ def test_the_reference_batch_exercises_clipping_rejection_and_capping(whole_batc
     assert metrics["mismatch/is_capped_fraction"] > 0
     assert whole[("ppo", "token-mean")]["log_prob"].abs().sum() > 0
     assert whole[("gspo", "token-mean")]["metrics"]["pg_clipfrac"] > 0
+    for name in POLICY_OPTIONS:
+        for mode in MODES:
+            assert whole[(name, mode)]["log_prob"].abs().sum() > 0, (name, mode)
+    for name in ("cispo", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "bypass_reinforce"):
+        assert whole[(name, "token-mean")]["metrics"]["pg_clipfrac"] > 0, name  # the loss's own clip/selection bites
 
 
 @pytest.mark.parametrize("num_micro_batches", [2, 4])

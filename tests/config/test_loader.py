@@ -188,8 +188,8 @@ def test_critic_relations_are_checked():
         "critic.cliprange_value: must be > 0 (or null for no clipping), got 0.0",
         "critic.ppo_mini_batch_size: 48 does not divide data.train_batch_size 256 (both count prompts)",
     ]
-    (msg,) = _problems({"algorithm.name": "ppo", "critic.loss_agg_mode": "token-sum"})
-    assert msg.startswith("critic.loss_agg_mode: 'token-sum' is not registered")
+    (msg,) = _problems({"algorithm.name": "ppo", "critic.loss_agg_mode": "token-median"})
+    assert msg.startswith("critic.loss_agg_mode: 'token-median' is not registered")
 
 
 def test_missing_critic_folder_is_named(tmp_path):

@@ -95,3 +95,27 @@ def test_tp2_matches_tp1_values_and_gradients(dtype):
     torch.testing.assert_close(grad_tp2.double(), ref[2], atol=1e-6, rtol=0)
     torch.testing.assert_close(tp1[0].double(), ref[0], atol=2e-6, rtol=0)
     torch.testing.assert_close(tp1[1].double(), ref[1], atol=2e-6, rtol=0)
+
+
+def test_sum_squared_probs_matches_softmax_at_tp1_and_tp2():
+    from megarl.models.vocab_parallel import vocab_parallel_sum_squared_probs
+
+    logits, _, _, _ = _problem(torch.float64)
+    reference = (torch.softmax(logits / TEMPERATURE, dim=-1) ** 2).sum(-1)
+    torch.testing.assert_close(vocab_parallel_sum_squared_probs(logits, temperature=TEMPERATURE), reference,
+                               atol=1e-12, rtol=0)
+    assert bool(((reference > 1 / VOCAB) & (reference <= 1)).all())  # between uniform and one-hot
+    for rank_value in run_on_ranks(_tp2_sum_squared, world_size=2, timeout=300):
+        torch.testing.assert_close(rank_value, reference, atol=1e-12, rtol=0)
+
+
+def _tp2_sum_squared():
+    import torch.distributed as dist
+
+    from megarl.models.vocab_parallel import vocab_parallel_sum_squared_probs
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logits, _, _, _ = _problem(torch.float64)
+    shard = VOCAB // world
+    return vocab_parallel_sum_squared_probs(logits[..., rank * shard:(rank + 1) * shard], dist.group.WORLD, TEMPERATURE)
