@@ -46,6 +46,8 @@ def export_both_ways(model_dir: str) -> dict:
             "old": old, "new": new, "names": names, "tensors": tensors,
             "old_tensors": old_tensors if torch.distributed.get_rank() == 0 else None,
             "local_bytes": sum(p.numel() * p.element_size() for c in handle.chunks for p in c.parameters()),
+            "sizes": {"tp": handle.bridge.mpu.tp_size, "pp": handle.bridge.mpu.pp_size,
+                      "ep": handle.bridge.mpu.ep_size, "etp": handle.bridge.mpu.etp_size},
         }
         del handle
         reset_model_parallel()
@@ -86,6 +88,16 @@ def test_stage_senders_yield_each_tensor_once_and_receive_only_their_stage(per_r
     buckets = -(-max(r["local_bytes"] for r in ranks) // BUCKET_BYTES)
     assert 0 < sender0["new"].collectives <= 2 * (buckets + 8)  # per bucket ≤ 1 TP + 1 EP gather (+ cut slack)
     assert sender0["new"].collectives * 5 < ranks[0]["old"].collectives
+    # The planner's sync model predicts the same bytes from config.json and the layout alone.
+    from megarl.planner.memory import ParallelSizes
+    from megarl.planner.model_stats import ModelStats, load_hf_config
+    from megarl.planner.sync_model import stage_sync_bytes
+
+    sizes = ranks[0]["sizes"]
+    par = ParallelSizes(cp=1, vpp=None, sequence_parallel=sizes["tp"] > 1, train_gpus=4, **sizes)
+    modelled = stage_sync_bytes(ModelStats.from_hf_config(load_hf_config(tiny_moe_dir)), par, bytes_per_param=4)
+    measured = [(stage_bytes[s], next(r["new"].bytes_received for r in senders if r["pp_rank"] == s)) for s in (0, 1)]
+    assert modelled == measured, f"{layout}: sync model {modelled} != real push {measured}"
     print(f"{layout}: stage bytes {stage_bytes}; received per rank new {[r['new'].bytes_received for r in ranks]}, "
           f"old {[r['old'].bytes_received for r in ranks]}; collectives new {[r['new'].collectives for r in ranks]}, "
           f"old {[r['old'].collectives for r in ranks]}")
