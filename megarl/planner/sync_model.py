@@ -117,7 +117,8 @@ def plan_sync(m: ModelStats, par: ParallelSizes, *, bytes_per_param: int, rollou
     notes = []
     per_stage = stage_sync_bytes(m, par, bytes_per_param, assume)
     tp_bw = assume.nvlink_gbps if par.tp <= gpus_per_node else assume.network_gbps
-    expert_bw = assume.nvlink_gbps if par.ep * par.etp * par.tp <= gpus_per_node else assume.network_gbps
+    # megatron's expert grid orders ETP then EP fastest: an EP group spans ETP x EP consecutive ranks
+    expert_bw = assume.nvlink_gbps if par.ep * par.etp <= gpus_per_node else assume.network_gbps
     engine_in_node = rollout_tp <= gpus_per_node
     send_bw = assume.nvlink_gbps if transport == "cuda_ipc" else assume.network_gbps
     if transport == "cuda_ipc" and not (engine_in_node and par.pp == 1):
