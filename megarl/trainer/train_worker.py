@@ -154,27 +154,21 @@ class MegatronTrainWorker:
     def attach_rollout(self, engines, transport: str, bucket_mb: float, verify: str = "none",
                        transport_kwargs: dict | None = None) -> None:
         """Every rank calls it. With the engine handles on every rank (Ray worker group) each
-        pipeline stage's first rank sends its own stage's tensors (`export_stage_hf_weights`);
-        under torchrun only rank 0 holds Ray handles (`engines=None` elsewhere) and sends everything,
-        the other ranks only take part in the per-tensor export's collectives."""
-        from megatron.core import parallel_state
-
-        from megarl.models.stage_export import is_stage_sender
-        from megarl.rollout.weight_sync.pusher import WeightPusher, WeightPushOptions, probe_sequences
+        pipeline stage's first rank sends its own stage's tensors; under torchrun only rank 0 holds
+        Ray handles (`engines=None` elsewhere) and sends everything (`MegatronWeightPush`)."""
+        from megarl.rollout.weight_sync.pusher import WeightPushOptions, probe_sequences
+        from megarl.rollout.weight_sync.staged import MegatronWeightPush
 
         options = WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify,
                                     transport_kwargs=dict(transport_kwargs or {}))
-        self.push_options = options
-        self.push_sender = is_stage_sender(self.actor.handle)
-        roles = [None] * dist.get_world_size()
-        dist.all_gather_object(roles, (self.push_sender, engines is not None))
-        self.push_by_stage = all(has_engines for sender, has_engines in roles if sender)
+        if self.pusher is not None:
+            self.pusher.close()
+        self.pusher = MegatronWeightPush(self.actor.handle, engines, options)
         self.push_probe = probe_sequences(self.actor.vocab_size) if verify == "logprobs" else None
-        self.pusher = None
-        if self.push_by_stage and self.push_sender:
-            self.pusher = WeightPusher(engines, options, sender_index=parallel_state.get_pipeline_model_parallel_rank())
-        elif not self.push_by_stage and self.rank == 0:
-            self.pusher = WeightPusher(engines, options)
+
+    @property
+    def push_by_stage(self) -> bool:
+        return self.pusher.by_stage
 
     def _logprob_probe(self):
         """verify="logprobs": Megatron's log-probs of the fixed probe (collective; rank 0 gets them)."""
@@ -190,66 +184,7 @@ class MegatronTrainWorker:
 
     def push_weights(self) -> dict | None:
         """Push the actor's weights into the engines (every rank calls it); metrics on rank 0."""
-        probe = self._logprob_probe()
-        if self.push_by_stage:
-            return self._push_by_stage(probe)
-        if self.rank != 0:
-            for _ in self.actor.export_hf_weights():  # collectives: every rank walks the export
-                pass
-            return None
-        stats = self.pusher.push(self.actor.export_hf_weights(), is_sender=True, probe=probe)
-        return _push_metrics(stats)
-
-    def _push_by_stage(self, probe) -> dict | None:
-        """Rank 0 puts the engines in reload mode, every stage's sender ships its stage, rank 0
-        finishes and verifies. Failures are shared over the world so that every rank raises."""
-        import time
-
-        from megatron.core import parallel_state
-
-        from megarl.models.stage_export import ExportTraffic, export_stage_hf_weights
-        from megarl.rollout.weight_sync.pusher import PushStats, WeightPushError
-
-        started = time.perf_counter()
-        begun = [None]
-        if self.rank == 0:
-            try:
-                begun = [(self.pusher.begin(), None)]
-            except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
-                begun = [(None, exc)]
-        dist.broadcast_object_list(begun, src=0)
-        version, error = begun[0]
-        if error is not None:
-            raise WeightPushError(f"weight push: begin_weight_update failed on rank 0: {error!r}") from error
-        traffic, sent, error = ExportTraffic(), PushStats(), None
-        stream = export_stage_hf_weights(self.actor.handle, self.push_options.bucket_bytes, traffic)
-        try:
-            if self.push_sender:
-                sent = self.pusher.send(stream)
-            else:
-                for _ in stream:  # gathers to this stage's sender
-                    pass
-        except Exception as exc:  # noqa: BLE001 - reported by every rank below
-            error = f"rank {self.rank}: {exc!r}"
-        reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, (parallel_state.get_pipeline_model_parallel_rank(), self.push_sender,
-                                         sent, traffic, error))
-        errors = [r[4] for r in reports if r[4]]
-        if errors:
-            if self.rank == 0:
-                self.pusher.abort()
-            raise WeightPushError("weight push failed: " + "; ".join(errors))
-        if self.rank != 0:
-            return None
-        stats = self.pusher.finish(version, [r[2] for r in reports if r[1]], probe=probe)
-        stats.seconds = time.perf_counter() - started
-        stage_bytes = {r[0]: r[3].hf_bytes for r in reports if r[1]}
-        metrics = _push_metrics(stats)
-        metrics["weight_push/senders"] = stats.senders
-        metrics["weight_push/max_received_over_stage_bytes"] = max(
-            r[3].bytes_received / max(stage_bytes[r[0]], 1) for r in reports)
-        metrics["weight_push/max_received_gbytes"] = max(r[3].bytes_received for r in reports) / 1e9
-        return metrics
+        return self.pusher.push(self._logprob_probe())
 
     def export_weights(self) -> dict | None:
         """All HF-named weights as one dict on rank 0 (tests, small models)."""
@@ -275,14 +210,3 @@ class MegatronTrainWorker:
                                   "from; it was written by a run without a critic")
         load_engine_checkpoint(self.actor, checkpoint_root, load_optimizer=load_optimizer)
 
-
-def _push_metrics(stats) -> dict:
-    metrics = {"weight_push/seconds": stats.seconds, "weight_push/gbytes": stats.bytes / 1e9,
-               "weight_push/gb_per_s": stats.gb_per_s, "weight_push/buckets": stats.buckets,
-               "weight_push/tensors": stats.tensors}
-    if stats.engine_tensors_received:  # counted by each engine; the pusher refused any != tensors
-        metrics["weight_push/engine_tensors_received_min"] = min(stats.engine_tensors_received)
-        metrics["weight_push/engine_tensors_received_max"] = max(stats.engine_tensors_received)
-    if stats.logprob_max_diff is not None:
-        metrics["weight_push/logprob_max_diff"] = stats.logprob_max_diff
-    return metrics
