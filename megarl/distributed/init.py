@@ -49,11 +49,25 @@ def _world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def local_device_index() -> int:
+    """The accelerator index this rank drives. The Ray worker group sets MEGARL_DEVICE_INDEX (the
+    actor's GPU among its visible devices — 0 when Ray narrowed CUDA_VISIBLE_DEVICES to it, whatever
+    LOCAL_RANK is); under torchrun every process sees the node's GPUs and LOCAL_RANK is the index."""
+    if "MEGARL_DEVICE_INDEX" in os.environ:
+        return int(os.environ["MEGARL_DEVICE_INDEX"])
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _init_process_group(timeout_s: float) -> None:
     if dist.is_initialized():
         return
     if accelerator_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        index, count = local_device_index(), torch.cuda.device_count()
+        if index >= count:
+            raise RuntimeError(f"rank {os.environ.get('RANK')} should use device {index} but sees {count} "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): set LOCAL_RANK / "
+                               "MEGARL_DEVICE_INDEX to the index within the visible devices")
+        torch.cuda.set_device(index)
     dist.init_process_group(
         backend=collective_backend(),
         init_method="env://",
@@ -109,7 +123,7 @@ def init_distributed(
     return DistributedInfo(
         rank=dist.get_rank(),
         world_size=world_size,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),  # index among the node's ranks (torchrun's meaning)
         backend=dist.get_backend(),
         layout=layout,
         data_parallel_size=parallel_state.get_data_parallel_world_size(),

@@ -63,11 +63,14 @@ def _local_shards(handle: "ModelHandle") -> list[tuple[_ShardInfo, torch.Tensor]
     return shards
 
 
-def _all_gather(tensor: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+def _all_gather(tensor: torch.Tensor, group, size: int, traffic=None) -> list[torch.Tensor]:
     if size == 1:
         return [tensor]
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
+    if traffic is not None:
+        traffic.collectives += 1
+        traffic.bytes_received += tensor.numel() * tensor.element_size() * (size - 1)
     return parts
 
 
@@ -88,7 +91,7 @@ def bridge_mpu(handle: "ModelHandle"):
     return handle.bridge.mpu
 
 
-def _full_tensors(handle: "ModelHandle", info: _ShardInfo, shard: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+def _full_tensors(handle: "ModelHandle", info: _ShardInfo, shard: torch.Tensor, traffic=None) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one megatron shard present (after PP broadcast) on this rank."""
     bridge, mpu = handle.bridge, bridge_mpu(handle)
     if info.name in VALUE_HEAD_HF_NAMES.values():
@@ -97,14 +100,14 @@ def _full_tensors(handle: "ModelHandle", info: _ShardInfo, shard: torch.Tensor) 
     if is_moe_expert_name(info.name):
         stem, local_expert = split_expert_name(info.name)
         experts_per_rank = handle.config.num_moe_experts // mpu.ep_size
-        for ep_rank, ep_shard in enumerate(_all_gather(shard, mpu.ep_group, mpu.ep_size)):
+        for ep_rank, ep_shard in enumerate(_all_gather(shard, mpu.ep_group, mpu.ep_size, traffic)):
             global_name = f"{stem}{ep_rank * experts_per_rank + local_expert}"
-            etp_shards = _all_gather(ep_shard, mpu.etp_group, mpu.etp_size)
+            etp_shards = _all_gather(ep_shard, mpu.etp_group, mpu.etp_size, traffic)
             full = _merge_expert_shards(global_name, etp_shards, handle.config.gated_linear_unit)
             yield from zip(*bridge._weight_to_hf_format(global_name, full))
         return
     if info.tp_partition_dim is not None and mpu.tp_size > 1:
-        parts = _all_gather(shard, mpu.tp_group, mpu.tp_size)
+        parts = _all_gather(shard, mpu.tp_group, mpu.tp_size, traffic)
         # mbridge reads the partition attributes off a reference tensor for the generic case.
         shard.tensor_model_parallel, shard.partition_dim = True, info.tp_partition_dim
         full = bridge._weight_merge_across_tp(info.name, parts, shard)
@@ -128,11 +131,13 @@ def _check_handle_is_current(handle: "ModelHandle") -> None:
         raise RuntimeError("this ModelHandle predates the current megatron parallel state; build the model again")
 
 
-def export_hf_weights(handle: "ModelHandle") -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf_weights(handle: "ModelHandle", traffic=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, full tensor) for every tensor of the HF checkpoint, one at a time.
 
     Identical sequence on every rank; every rank must iterate to the end (collectives inside). The
     tensors are fresh copies (never views of the model's parameters) in the parameters' dtype.
+    `traffic` (a `stage_export.ExportTraffic`) counts this rank's received bytes and collectives.
+    For a weight push, `stage_export.export_stage_hf_weights` moves far fewer bytes.
     """
     _check_handle_is_current(handle)
     mpu = bridge_mpu(handle)
@@ -153,7 +158,10 @@ def export_hf_weights(handle: "ModelHandle") -> Iterator[tuple[str, torch.Tensor
             if mpu.pp_size > 1:
                 src = dist.get_global_rank(mpu.pp_group, stage)
                 dist.broadcast(shard, src=src, group=mpu.pp_group)
-            for hf_name, tensor in _full_tensors(handle, info, shard):
+                if traffic is not None:
+                    traffic.collectives += 1
+                    traffic.bytes_received += 0 if is_mine else shard.numel() * shard.element_size()
+            for hf_name, tensor in _full_tensors(handle, info, shard, traffic):
                 yield hf_name, tensor.contiguous()
 
 

@@ -17,6 +17,9 @@ from megarl.config.resolve import rollout_gpus, train_gpus
 from megarl.distributed import LayoutError, ModelShape, ParallelLayout, validate_layout
 from megarl.planner.memory import GIB, MemoryPlan, ParallelSizes, estimate_memory
 from megarl.planner.model_stats import ModelStats, load_hf_config
+from megarl.planner.sync_model import SyncPlan, format_sync_plan, plan_sync
+
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass
@@ -24,6 +27,7 @@ class RunPlan:
     stats: ModelStats | None
     parallel: ParallelSizes | None
     memory: MemoryPlan | None
+    sync: SyncPlan | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -59,7 +63,21 @@ def plan_run(cfg, hf_config: dict | None = None) -> RunPlan:
         _check_batch(cfg, plan)
     plan.memory = estimate_memory(cfg, stats, plan.parallel)
     _check_memory(cfg, plan)
+    if rl:
+        plan.sync = plan_weight_sync(cfg, stats, plan.parallel)
     return plan
+
+
+def plan_weight_sync(cfg, stats: ModelStats, parallel: ParallelSizes) -> SyncPlan:
+    """The modelled trainer → rollout push of this run (megarl.planner.sync_model)."""
+    r = cfg.rollout
+    transport = r.weight_sync.transport
+    if transport == "auto":  # what the trainer picks on GPUs
+        transport = "cuda_ipc" if r.placement == "colocated" else "nccl"
+    return plan_sync(stats, parallel, bytes_per_param=_DTYPE_BYTES[cfg.model.dtype], rollout_tp=r.tensor_parallel_size,
+                     num_engines=r.num_engines or rollout_gpus(cfg) // r.tensor_parallel_size,
+                     gpus_per_node=cfg.trainer.gpus_per_node, bucket_bytes=int(r.weight_sync.bucket_mb * 2**20),
+                     transport=transport)
 
 
 def _check_rollout(cfg, m: ModelStats, plan: RunPlan) -> None:
@@ -169,6 +187,8 @@ def format_plan(plan: RunPlan, cfg) -> str:
         if cfg.rollout.placement == "colocated" and cfg.trainer.type == "rl":
             lines.append(f"training state left on each GPU during rollout: {r.resident_train_bytes / GIB:.2f} GiB")
         lines.append(f"host memory per node for offloaded state: {mem.host_bytes_per_node / GIB:.1f} GiB")
+        if plan.sync is not None:
+            lines.extend(format_sync_plan(plan.sync))
     for w in plan.warnings:
         lines.append(f"WARNING {w}")
     for e in plan.errors:

@@ -261,8 +261,8 @@ class VLLMEngine:
     def num_workers(self) -> int:
         return self.config.tensor_parallel_size
 
-    def join_nccl_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
-        self.llm.collective_rpc("megarl_join_nccl_weight_group", args=(host, port, first_rank, world_size))
+    def join_nccl_weight_group(self, host: str, port: int, first_rank: int, world_size: int, sender_index: int = 0) -> None:
+        self.llm.collective_rpc("megarl_join_nccl_weight_group", args=(host, port, first_rank, world_size, sender_index))
 
     # ---------------------------------------------------------------- memory phases
     def sleep(self, level: int = 1) -> bool:

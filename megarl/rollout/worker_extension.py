@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 
 import torch
 
@@ -35,7 +36,7 @@ class MegarlWorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self._megarl_model())
-        self._megarl_loaded_names = set()
+        self._megarl_received = Counter()  # hf name -> times received in this push
 
     @torch.no_grad()
     def megarl_load_weight_bucket(self, transport: str, payload) -> dict:
@@ -53,7 +54,7 @@ class MegarlWorkerExtension:
             info["digest"] = bucket_digest(named)
         with set_current_vllm_config(self.vllm_config):
             self._megarl_model().load_weights(iter(named))
-        self._megarl_loaded_names.update(name for name, _ in named)
+        self._megarl_received.update(name for name, _ in named)
         info["seconds"] = time.perf_counter() - start
         return info
 
@@ -66,14 +67,19 @@ class MegarlWorkerExtension:
         model = self._megarl_model()
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
-        loaded = getattr(self, "_megarl_loaded_names", set())
+        received = getattr(self, "_megarl_received", Counter())
+        loaded = set(received)
         repacked = reprepack_cpu_moe_weights(model, loaded)
         # What vLLM's own GPUModelRunner.reload_weights resets after a reload.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             if hasattr(self.model_runner, reset):
                 getattr(self.model_runner, reset)()
-        self._megarl_loaded_names = set()
-        return {"tensors": len(loaded), "cpu_moe_layers_repacked": repacked}
+        self._megarl_received = Counter()
+        # Several senders (one per pipeline stage) feed one engine: a tensor that arrives twice
+        # means two senders exported it (wasted bytes, and a race on which copy wins).
+        repeated = sorted(name for name, count in received.items() if count > 1)
+        return {"tensors": len(loaded), "received": sum(received.values()), "repeated": repeated[:20],
+                "cpu_moe_layers_repacked": repacked}
 
     def megarl_weights_checksum(self) -> str:
         """sha256 over every parameter's bytes as the kernel holds them (names sorted). Equal across
@@ -85,8 +91,9 @@ class MegarlWorkerExtension:
         return h.hexdigest()
 
 
-    def megarl_join_nccl_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
-        """Join the `nccl` weight transport's broadcast group as rank first_rank + this worker's rank."""
+    def megarl_join_nccl_weight_group(self, host: str, port: int, first_rank: int, world_size: int,
+                                      sender_index: int = 0) -> None:
+        """Join sender `sender_index`'s `nccl` broadcast group as rank first_rank + this worker's rank."""
         from megarl.rollout.weight_sync.nccl import init_worker_group
 
-        init_worker_group(host, port, first_rank + int(self.rank), world_size, self.device)
+        init_worker_group(host, port, first_rank + int(self.rank), world_size, self.device, sender_index)

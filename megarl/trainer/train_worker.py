@@ -163,22 +163,40 @@ class MegatronTrainWorker:
         return results if self.rank == 0 else None
 
     # ------------------------------------------------------------------ weights
-    def attach_rollout(self, engines, transport: str, bucket_mb: float, verify: str = "none") -> None:
-        """Rank 0 sends to `engines`; the other ranks only take part in the export's collectives
-        (under torchrun they hold no Ray handles and get `engines=None`)."""
-        from megarl.rollout.weight_sync.pusher import WeightPusher, WeightPushOptions
+    def attach_rollout(self, engines, transport: str, bucket_mb: float, verify: str = "none",
+                       transport_kwargs: dict | None = None) -> None:
+        """Every rank calls it. With the engine handles on every rank (Ray worker group) each
+        pipeline stage's first rank sends its own stage's tensors; under torchrun only rank 0 holds
+        Ray handles (`engines=None` elsewhere) and sends everything (`MegatronWeightPush`)."""
+        from megarl.rollout.weight_sync.pusher import WeightPushOptions, probe_sequences
+        from megarl.rollout.weight_sync.staged import MegatronWeightPush
 
-        if self.rank == 0:
-            self.pusher = WeightPusher(engines, WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify))
+        options = WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify,
+                                    transport_kwargs=dict(transport_kwargs or {}))
+        if self.pusher is not None:
+            self.pusher.close()
+        self.pusher = MegatronWeightPush(self.actor.handle, engines, options)
+        self.push_probe = probe_sequences(self.actor.vocab_size) if verify == "logprobs" else None
+
+    @property
+    def push_by_stage(self) -> bool:
+        return self.pusher.by_stage
+
+    def _logprob_probe(self):
+        """verify="logprobs": Megatron's log-probs of the fixed probe (collective; rank 0 gets them)."""
+        if self.push_probe is None:
+            return None
+        from megarl.models.batch import SequenceBatch
+        from megarl.rollout.weight_sync.pusher import LogprobProbe
+
+        logprobs, _ = self.actor.forward_logprobs(SequenceBatch.from_sequences(self.push_probe), temperature=1.0)
+        if self.rank != 0:
+            return None
+        return LogprobProbe(self.push_probe, [logprobs[b, : len(s)].tolist() for b, s in enumerate(self.push_probe)])
 
     def push_weights(self) -> dict | None:
-        if self.rank != 0:
-            for _ in self.actor.export_hf_weights():  # collectives: every rank walks the export
-                pass
-            return None
-        stats = self.pusher.push(self.actor.export_hf_weights(), is_sender=True)
-        return {"weight_push/seconds": stats.seconds, "weight_push/gbytes": stats.bytes / 1e9,
-                "weight_push/gb_per_s": stats.gb_per_s, "weight_push/buckets": stats.buckets}
+        """Push the actor's weights into the engines (every rank calls it); metrics on rank 0."""
+        return self.pusher.push(self._logprob_probe())
 
     def export_weights(self) -> dict | None:
         """All HF-named weights as one dict on rank 0 (tests, small models)."""
@@ -203,3 +221,4 @@ class MegatronTrainWorker:
             raise CheckpointError(f"checkpoint {checkpoint_root} has no critic state ({CRITIC_SUBDIR}/) to resume PPO "
                                   "from; it was written by a run without a critic")
         load_engine_checkpoint(self.actor, checkpoint_root, load_optimizer=load_optimizer)
+

@@ -30,6 +30,22 @@ class _RankHost:
             port = sock.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def placement(self) -> tuple[str, str | None]:
+        """(node id, this actor's device index among its visible GPUs, or None without a GPU)."""
+        import os
+
+        runtime = ray.get_runtime_context()
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if not gpu_ids:
+            return runtime.get_node_id(), None
+        # Ray narrows CUDA_VISIBLE_DEVICES to the actor's GPUs, so the index is 0 there; with
+        # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES the actor sees the node's GPUs and it is the id's position.
+        index = visible.index(gpu_ids[0]) if gpu_ids[0] in visible else (0 if not visible else None)
+        if index is None:
+            raise RuntimeError(f"Ray assigned GPU {gpu_ids[0]} but CUDA_VISIBLE_DEVICES is {visible}")
+        return runtime.get_node_id(), str(index)
+
     def construct(self, worker_cls, env: dict[str, str], args, kwargs) -> None:
         import os
 
@@ -71,11 +87,14 @@ class RayWorkerGroup:
             for r in range(world_size)
         ]
         master_addr, master_port = ray.get(self.hosts[0].address.remote(), timeout=timeout_s)
-        rank_envs = [
-            dict(RANK=str(r), WORLD_SIZE=str(world_size), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world_size),
-                 MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-            for r in range(world_size)
-        ]
+        placements = ray.get([h.placement.remote() for h in self.hosts], timeout=timeout_s)
+        rank_envs = []
+        for r, (local_rank, local_world) in enumerate(node_local_ranks([node for node, _ in placements])):
+            env_r = dict(RANK=str(r), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                         LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+            if placements[r][1] is not None:
+                env_r["MEGARL_DEVICE_INDEX"] = placements[r][1]  # what init_distributed passes to set_device
+            rank_envs.append(env_r)
         self._get([h.construct.remote(worker_cls, e, tuple(args), kwargs or {}) for h, e in zip(self.hosts, rank_envs)])
 
     def call_all(self, method: str, *args, **kwargs) -> list[Any]:
@@ -95,6 +114,17 @@ class RayWorkerGroup:
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(self.placement_group)
+
+
+def node_local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
+    """Per global rank: (LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun defines them — the rank's index
+    among the group's ranks on its node (in global rank order) and how many ranks that node has."""
+    seen: dict[str, int] = {}
+    local = []
+    for node in node_ids:
+        local.append(seen.get(node, 0))
+        seen[node] = local[-1] + 1
+    return [(index, seen[node]) for index, node in zip(local, node_ids)]
 
 
 def launched_by_torchrun() -> bool:

@@ -29,7 +29,7 @@ def rollout_group(ray_cluster, tiny_moe_dir):
 
     group = EngineGroup(
         VLLMEngineConfig.for_cpu_tests(tiny_moe_dir),
-        EngineGroupOptions(num_engines=1, engine_cpus=0.5, generate_timeout_s=300, start_timeout_s=300, name=SHARED_ENGINE_NAME),
+        EngineGroupOptions(num_engines=1, engine_cpus=0.5, generate_timeout_s=300, start_timeout_s=600, name=SHARED_ENGINE_NAME),
     )
     yield group
     group.shutdown()

@@ -89,3 +89,66 @@ def test_push_of_nothing_is_an_error(rollout_group, hf_model):
     # The aborted push left the engine's weights as they were.
     samples = rollout_group.generate(REQUESTS[1:], SamplingOptions(n=2, max_tokens=8, seed=1))[0]
     assert max_logprob_error(hf_model, samples) < 1e-4
+
+
+def test_logprob_probe_and_options_refuse_bad_input_before_any_work():
+    from megarl.rollout.weight_sync import LogprobProbe, probe_sequences
+
+    assert probe_sequences(512) == probe_sequences(512)  # the same probe on every rank and push
+    assert all(3 <= t < 512 for s in probe_sequences(512) for t in s) and len(probe_sequences(512)[0]) == 24
+    with pytest.raises(ValueError, match="one log-prob per token"):
+        LogprobProbe([[1, 2, 3]], [[0.0, -1.0]])
+    with pytest.raises(ValueError, match="logprob_atol"):
+        WeightPushOptions(verify="logprobs", logprob_atol=0.0)
+    # verify="logprobs" without the trainer's log-probs: refused before any engine is called
+    with pytest.raises(ValueError, match="LogprobProbe"):
+        WeightPusher(["not-an-engine"], WeightPushOptions(verify="logprobs")).push(iter([("w", torch.ones(1))]))
+
+
+def test_gpu_transport_channels_per_sender():
+    from megarl.rollout.weight_sync.cuda_ipc import local_index_of
+    from megarl.rollout.weight_sync.nccl import group_port
+
+    # one NCCL group per (sender = pipeline stage, engine): distinct ports from one base port
+    ports = {group_port(29555, s, e, 3) for s in range(8) for e in range(3)}
+    assert ports == set(range(29555, 29555 + 24))
+    with pytest.raises(ValueError, match="outside 1024..65535"):
+        group_port(65530, 7, 2, 3)
+    with pytest.raises(ValueError, match="engine_index"):
+        group_port(29555, 0, 3, 3)
+    # a CUDA IPC handle is opened on the receiver's index of the sender's GPU, found by UUID
+    assert local_index_of("GPU-b", ["GPU-a", "GPU-b"]) == 1
+    with pytest.raises(RuntimeError, match="'nccl'"):
+        local_index_of("GPU-c", ["GPU-a", "GPU-b"])
+
+
+def test_push_stats_of_several_senders_add_up():
+    from megarl.rollout.weight_sync import PushStats
+
+    total = PushStats(senders=2)
+    total.add(PushStats(tensors=3, bytes=30, buckets=2, send_seconds=1.0, engine_load_seconds=0.5))
+    total.add(PushStats(tensors=4, bytes=50, buckets=1, send_seconds=2.0, engine_load_seconds=0.2))
+    assert (total.tensors, total.bytes, total.buckets, total.send_seconds, total.engine_load_seconds) == (7, 80, 3, 2.0, 0.5)
+
+
+@pytest.mark.vllm
+def test_logprobs_verification_passes_for_true_weights_and_catches_wrong_ones(rollout_group, tiny_moe_dir, hf_model):
+    from megarl.rollout.weight_sync import LogprobProbe, probe_sequences
+    from tests.rollout.reference import hf_token_logprobs
+
+    sequences = probe_sequences(hf_model.config.vocab_size)
+    with torch.no_grad():
+        reference = LogprobProbe(sequences, [[0.0] + hf_token_logprobs(hf_model, s, 1).tolist() for s in sequences])
+    checkpoint = checkpoint_state_dict(tiny_moe_dir)
+    options = WeightPushOptions(verify="logprobs", logprob_atol=1e-5, bucket_mb=0.1)
+    stats = rollout_group.pusher(options).push(iter(checkpoint.items()), probe=reference)
+    assert stats.logprob_max_diff < 1e-5 and stats.engine_tensors_received == [len(checkpoint)]
+    try:
+        with pytest.raises(WeightPushError, match="log-probs of probe sequence"):
+            rollout_group.pusher(options).push(iter(perturbed_state_dict(tiny_moe_dir, scale=0.02).items()), probe=reference)
+        # a tensor sent twice (two senders exporting it) is refused, counted by the engine
+        twice = [*checkpoint.items(), ("model.norm.weight", checkpoint["model.norm.weight"])]
+        with pytest.raises(WeightPushError, match="more than once"):
+            rollout_group.pusher(WeightPushOptions()).push(iter(twice))
+    finally:
+        rollout_group.push_weights(iter(checkpoint.items()), WeightPushOptions(verify="checksum"))

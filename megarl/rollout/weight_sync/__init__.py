@@ -15,9 +15,20 @@ from megarl.rollout.weight_sync.base import (
     register_transport,
     registered_transports,
 )
-from megarl.rollout.weight_sync.pusher import PushStats, WeightPusher, WeightPushError, WeightPushOptions
+from megarl.rollout.weight_sync.pusher import (
+    VERIFY_MODES,
+    LogprobProbe,
+    PushStats,
+    WeightPusher,
+    WeightPushError,
+    WeightPushOptions,
+    probe_sequences,
+)
 
 __all__ = [
+    "VERIFY_MODES",
+    "LogprobProbe",
+    "probe_sequences",
     "PushStats",
     "WeightPushError",
     "WeightPushOptions",

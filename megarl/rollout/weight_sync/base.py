@@ -1,7 +1,8 @@
 """The weight-push interface: buckets of HF-named tensors, one transport per module.
 
 A transport has two halves:
-- the sender (`WeightTransport` instance, in the trainer process that sends — training rank 0):
+- the sender (`WeightTransport` instance, in each trainer process that sends — one per pipeline
+  stage, made by `for_sender(stage)`):
   `send_bucket(bucket, engines)` ships one bucket to every engine and returns the Ray refs of the
   engines' load calls;
 - the receiver (`receive(payload, device)`, a static method run inside each vLLM worker by
@@ -55,6 +56,13 @@ class WeightTransport(ABC):
     """Moves buckets of named tensors from the sending trainer rank into every engine's workers."""
 
     name: ClassVar[str] = ""
+
+    @classmethod
+    def for_sender(cls, sender_index: int, **kwargs) -> "WeightTransport":
+        """The transport of sender `sender_index` when several senders (one per pipeline stage)
+        push at once; `kwargs` are `WeightPushOptions.transport_kwargs`, the same for all senders.
+        Transports with per-sender channels (NCCL groups, ports) derive them from the index."""
+        return cls(**kwargs)
 
     def connect(self, engines: list) -> None:
         """One-time setup with the engines (e.g. a NCCL group). Default: nothing to set up."""

@@ -1,11 +1,20 @@
 """NCCL broadcast transport: disaggregated GPU layout (rollout engines on their own nodes).
 
-`connect(engines)` forms one NCCL group: the sending trainer rank is rank 0, the workers of engine
-e take ranks 1 + e*tp ... (vLLM's `StatelessProcessGroup` + `PyNcclCommunicator`, so the group does
-not touch torch.distributed's default group in either process). Per bucket the sender packs one flat
-device buffer, tells every engine the bucket's layout through a Ray call (which makes its workers
-allocate a receive buffer and enter the broadcast), then broadcasts. Workers view the received
-buffer as the bucket's tensors and load them. One bucket in flight.
+Every sender (one per pipeline stage) forms its own NCCL group with each engine: the sender is rank
+0, the engine's workers ranks 1..tp (vLLM's `StatelessProcessGroup` + `PyNcclCommunicator`, so no
+group touches torch.distributed's default group in either process). The group of sender s and
+engine e listens on `host:port + s * num_engines + e` (`group_port`): `host` defaults to the sender's
+own node address (never 127.0.0.1 — engines sit on other nodes), `port` is the base port.
+
+One group per (sender, engine) pair, not one per sender: engine actors run calls one at a time in
+whatever order the senders' calls arrive, so a broadcast spanning two engines could wait on an
+engine busy with another sender's broadcast while that sender waits on the first engine (a cycle).
+With pair groups a broadcast waits on one engine only, and a sender ships bucket k+1 only after
+every engine confirmed bucket k, so no cycle forms.
+
+Per bucket the sender packs one flat device buffer, tells each engine the bucket's layout through a
+Ray call (its workers allocate a receive buffer and enter the broadcast), then broadcasts to the
+engines in turn. Workers view the received buffer as the bucket's tensors and load them.
 
 Import-safe without CUDA; using it without CUDA raises a clear error.
 """
@@ -16,8 +25,8 @@ import torch
 
 from megarl.rollout.weight_sync.base import NamedTensors, WeightTransport, dtype_from_name, register_transport
 
-# Per worker process: the communicator made by `megarl_init_nccl_group` (see worker extension use below).
-_WORKER_GROUP = {}
+# Per vLLM worker process: sender index -> the communicator of that sender's group with this engine.
+_WORKER_GROUPS: dict[int, object] = {}
 
 
 def _require_cuda(what: str) -> None:
@@ -25,22 +34,50 @@ def _require_cuda(what: str) -> None:
         raise RuntimeError(f"weight transport 'nccl' needs CUDA and NCCL ({what}); on CPU use 'object_store'")
 
 
-def init_worker_group(host: str, port: int, rank: int, world_size: int, device: torch.device) -> None:
-    """Run in each vLLM worker (via the engine's collective_rpc) to join the broadcast group."""
+def group_port(base_port: int, sender_index: int, engine_index: int, num_engines: int) -> int:
+    """The TCP port of the rendezvous of sender `sender_index` with engine `engine_index`."""
+    if not 0 <= engine_index < num_engines:
+        raise ValueError(f"engine_index {engine_index} outside [0, {num_engines})")
+    port = base_port + sender_index * num_engines + engine_index
+    if not 1024 <= port <= 65535:
+        raise ValueError(f"NCCL weight group port {port} (base {base_port}, sender {sender_index}, engine "
+                         f"{engine_index}) is outside 1024..65535: choose another base port")
+    return port
+
+
+def sender_host() -> str:
+    """This process's node address as other nodes reach it (Ray's view of the node)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - no Ray here: the host name's address
+        import socket
+
+        return socket.gethostbyname(socket.gethostname())
+
+
+def init_worker_group(host: str, port: int, rank: int, world_size: int, device: torch.device, sender_index: int = 0) -> None:
+    """Run in each vLLM worker (via the engine's collective_rpc) to join sender `sender_index`'s group."""
     _require_cuda("receiver")
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
     pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
-    _WORKER_GROUP["comm"] = PyNcclCommunicator(pg, device=device)
+    _WORKER_GROUPS[sender_index] = PyNcclCommunicator(pg, device=device)
 
 
 @register_transport("nccl")
 class NcclBroadcastTransport(WeightTransport):
-    def __init__(self, host: str = "127.0.0.1", port: int = 29555):
+    def __init__(self, host: str | None = None, port: int = 29555, sender_index: int = 0):
         _require_cuda("sender")
-        self.host, self.port = host, port
-        self._comm = None
+        self.host = host or sender_host()
+        self.port, self.sender_index = port, sender_index
+        self._comms: list = []
+
+    @classmethod
+    def for_sender(cls, sender_index: int, **kwargs) -> "NcclBroadcastTransport":
+        return cls(sender_index=sender_index, **kwargs)
 
     def connect(self, engines: list) -> None:
         import ray
@@ -48,17 +85,15 @@ class NcclBroadcastTransport(WeightTransport):
         from vllm.distributed.utils import StatelessProcessGroup
 
         sizes = ray.get([engine.num_workers.remote() for engine in engines])
-        world_size = 1 + sum(sizes)
-        joins, first_rank = [], 1
-        for engine, size in zip(engines, sizes, strict=True):
-            joins.append(engine.join_nccl_weight_group.remote(self.host, self.port, first_rank, world_size))
-            first_rank += size
-        pg = StatelessProcessGroup.create(host=self.host, port=self.port, rank=0, world_size=world_size)
-        self._comm = PyNcclCommunicator(pg, device=torch.cuda.current_device())
-        ray.get(joins)
+        for index, (engine, size) in enumerate(zip(engines, sizes, strict=True)):
+            port = group_port(self.port, self.sender_index, index, len(engines))
+            join = engine.join_nccl_weight_group.remote(self.host, port, 1, 1 + size, self.sender_index)
+            pg = StatelessProcessGroup.create(host=self.host, port=port, rank=0, world_size=1 + size)
+            self._comms.append(PyNcclCommunicator(pg, device=torch.cuda.current_device()))
+            ray.get(join)
 
     def send_bucket(self, bucket: NamedTensors, engines: list, *, digest: bool = False) -> list:
-        if self._comm is None:
+        if len(self._comms) != len(engines):
             raise RuntimeError("NcclBroadcastTransport.connect(engines) must run before the first push")
         nbytes = [t.numel() * t.element_size() for _, t in bucket]
         flat = torch.empty(sum(nbytes), dtype=torch.uint8, device=torch.cuda.current_device())
@@ -67,18 +102,20 @@ class NcclBroadcastTransport(WeightTransport):
             flat[offset : offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
             meta.append((name, str(t.dtype), tuple(t.shape), offset, n))
             offset += n
-        payload = {"meta": meta, "nbytes": int(flat.numel()), "digest": digest}
+        payload = {"meta": meta, "nbytes": int(flat.numel()), "digest": digest, "sender": self.sender_index}
         refs = [engine.load_weight_bucket.remote(self.name, payload) for engine in engines]
-        self._comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+        for comm in self._comms:
+            comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()
         return refs
 
     @staticmethod
     def receive(payload, device: torch.device) -> NamedTensors:
         _require_cuda("receiver")
-        comm = _WORKER_GROUP.get("comm")
+        comm = _WORKER_GROUPS.get(payload["sender"])
         if comm is None:
-            raise RuntimeError("this worker has not joined the NCCL weight group (engine.join_nccl_weight_group)")
+            raise RuntimeError(f"this worker has not joined sender {payload['sender']}'s NCCL weight group "
+                               "(engine.join_nccl_weight_group)")
         flat = torch.empty(payload["nbytes"], dtype=torch.uint8, device=device)
         comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()
@@ -88,4 +125,4 @@ class NcclBroadcastTransport(WeightTransport):
         ]
 
     def close(self) -> None:
-        self._comm = None
+        self._comms = []
