@@ -24,18 +24,9 @@ from megarl.trainer.model_worker import (
 
 
 def policy_loss_options(cfg: MegaRLConfig):
-    from megarl.algorithms import PolicyLossOptions, RolloutCorrectionOptions
+    from megarl.algorithms import PolicyLossOptions
 
-    a = cfg.algorithm
-    return PolicyLossOptions(
-        policy_loss=a.policy_loss, clip_ratio=a.clip_ratio, clip_ratio_low=a.clip_ratio_low,
-        clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
-        use_kl_loss=a.use_kl_loss, kl_loss_coef=a.kl_loss_coef, kl_loss_type=a.kl_loss_type,
-        entropy_coeff=a.entropy_coeff,
-        rollout_correction=RolloutCorrectionOptions(
-            level=a.tis.level, is_cap=a.tis.is_cap, reject_above=a.tis.reject_above, reject_below=a.tis.reject_below
-        ),
-    )
+    return PolicyLossOptions.from_config(cfg.algorithm)
 
 
 def needs_reference(cfg: MegaRLConfig) -> bool:
@@ -151,13 +142,13 @@ class MegatronTrainWorker:
         return results if self.rank == 0 else None
 
     # ------------------------------------------------------------------ weights
-    def attach_rollout(self, engines, transport: str, bucket_mb: float, verify: str = "none") -> None:
-        """Rank 0 sends to `engines`; the other ranks only take part in the export's collectives
-        (under torchrun they hold no Ray handles and get `engines=None`)."""
-        from megarl.rollout.weight_sync.pusher import WeightPusher, WeightPushOptions
+    def attach_rollout(self, engines, options) -> None:
+        """Rank 0 sends to `engines` with `options` (WeightPushOptions); the other ranks only take part
+        in the export's collectives (under torchrun they hold no Ray handles and get `engines=None`)."""
+        from megarl.rollout.weight_sync.pusher import WeightPusher
 
         if self.rank == 0:
-            self.pusher = WeightPusher(engines, WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify))
+            self.pusher = WeightPusher(engines, options)
 
     def push_weights(self) -> dict | None:
         if self.rank != 0:

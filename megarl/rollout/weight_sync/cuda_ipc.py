@@ -17,7 +17,9 @@ from megarl.rollout.weight_sync.base import NamedTensors, WeightTransport, dtype
 
 
 def _require_cuda(what: str) -> None:
-    if not torch.cuda.is_available():
+    from megarl.platform.device import accelerator_available
+
+    if not accelerator_available():
         raise RuntimeError(f"weight transport 'cuda_ipc' needs CUDA ({what}); on CPU use 'object_store'")
 
 

@@ -21,7 +21,9 @@ _WORKER_GROUP = {}
 
 
 def _require_cuda(what: str) -> None:
-    if not torch.cuda.is_available():
+    from megarl.platform.device import accelerator_available
+
+    if not accelerator_available():
         raise RuntimeError(f"weight transport 'nccl' needs CUDA and NCCL ({what}); on CPU use 'object_store'")
 
 
@@ -37,8 +39,15 @@ def init_worker_group(host: str, port: int, rank: int, world_size: int, device: 
 
 @register_transport("nccl")
 class NcclBroadcastTransport(WeightTransport):
-    def __init__(self, host: str = "127.0.0.1", port: int = 29555):
+    def __init__(self, host: str | None = None, port: int = 29555):
+        """`host`:`port` is where the sender (rank 0 of the group) listens for the engines' workers;
+        host None = this node's IP as Ray sees it (reachable from the other nodes, unlike 127.0.0.1).
+        Set from rollout.weight_sync.nccl_host / nccl_port."""
         _require_cuda("sender")
+        if host is None:
+            import ray
+
+            host = ray.util.get_node_ip_address()
         self.host, self.port = host, port
         self._comm = None
 

@@ -42,6 +42,14 @@ class WeightPushOptions:
     max_inflight_buckets: int = 1
     transport_kwargs: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, weight_sync, transport: str) -> "WeightPushOptions":
+        """From megarl.config's WeightSyncConfig; `transport` is the device plan's decision (the
+        config's `auto` resolved). The nccl transport gets its rendezvous host and port."""
+        kwargs = {"host": weight_sync.nccl_host, "port": weight_sync.nccl_port} if transport == "nccl" else {}
+        return cls(transport=transport, bucket_mb=weight_sync.bucket_mb, verify=weight_sync.verify,
+                   transport_kwargs=kwargs)
+
     def __post_init__(self):
         if self.verify not in ("none", "digest", "checksum", "all"):
             raise ValueError(f"WeightPushOptions.verify must be none|digest|checksum|all, got {self.verify!r}")
