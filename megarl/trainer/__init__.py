@@ -26,11 +26,13 @@ def trainer_class(kind: str):
 
 def run(cfg) -> list[dict]:
     from megarl.config.validate import check_can_start
-    from megarl.platform.device import device_plan
+    from megarl.trainer import components
     from megarl.trainer.worker_group import follow_rank0, launched_by_torchrun
 
     check_can_start(cfg)  # ConfigError before any process group or actor
-    device_plan(cfg.trainer.device)  # every torchrun rank decides as the driver does (cuda without CUDA: error)
+    # Decided (and printed) once, before anything starts; under torchrun every rank decides the same.
+    # Impossible device requests (cuda without CUDA, a CUDA transport on CPU) are ConfigErrors here.
+    components.device_plan(cfg)
     if launched_by_torchrun():
         import torch.distributed as dist
 
