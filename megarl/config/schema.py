@@ -153,7 +153,7 @@ class RewardConfig:
     """Per-sample limit; a reward that takes longer scores `fallback`."""
     fallback: float = 0.0
     """Score given when the reward function raises or times out."""
-    num_workers: int = 4
+    num_workers: int = 2
     """Worker processes scoring samples in parallel."""
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 

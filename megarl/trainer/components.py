@@ -15,12 +15,7 @@ def load_tokenizer(cfg: MegaRLConfig):
 def prompt_dataset(cfg: MegaRLConfig, tokenizer, files):
     from megarl.data import RLDataset, RLDatasetConfig
 
-    d = cfg.data
-    return RLDataset(RLDatasetConfig(
-        files=list(files), prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
-        filter_overlong_prompts=d.filter_overlong_prompts, truncation=d.truncation,
-        skip_invalid_rows=d.skip_invalid_rows,
-    ), tokenizer)
+    return RLDataset(RLDatasetConfig.from_config(cfg.data, files), tokenizer)
 
 
 def train_loader(cfg: MegaRLConfig, dataset):
@@ -31,20 +26,10 @@ def train_loader(cfg: MegaRLConfig, dataset):
 
 
 def reward_manager(cfg: MegaRLConfig):
-    from megarl.rewards.config import RewardConfig, RewardTermConfig
+    from megarl.rewards.config import RewardConfig
     from megarl.rewards.manager import RewardManager
 
-    r = cfg.reward
-    if r.custom_function:
-        terms = [RewardTermConfig(name=r.custom_function)]
-    else:
-        terms = [RewardTermConfig(name=name, weight=weight) for name, weight in r.terms()]
-    if r.overlong_buffer.enable:
-        terms.append(RewardTermConfig(name="overlong", kwargs={
-            "max_response_length": cfg.rollout.max_new_tokens, "overlong_buffer_len": r.overlong_buffer.len,
-            "penalty_factor": r.overlong_buffer.penalty_factor}))
-    return RewardManager(RewardConfig(terms=terms, num_workers=r.num_workers, timeout_s=r.timeout_s,
-                                      fallback_score=r.fallback))
+    return RewardManager(RewardConfig.from_config(cfg.reward, max_response_length=cfg.rollout.max_new_tokens))
 
 
 def device_plan(cfg: MegaRLConfig, *, announce: bool = True):

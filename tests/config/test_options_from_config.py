@@ -20,8 +20,12 @@ from megarl.config.schema import (
 def _options_classes():
     from megarl.algorithms import AdvantageOptions, KLRewardOptions, PolicyLossOptions, RolloutCorrectionOptions
     from megarl.algorithms.preference import DPOOptions
+    from megarl.config import schema
+    from megarl.data import RLDatasetConfig, SFTDatasetConfig
+    from megarl.data.dpo_dataset import DPODatasetConfig
     from megarl.distributed import ParallelLayout
     from megarl.models.optimizer import OptimizerOptions
+    from megarl.rewards.config import RewardConfig
     from megarl.rollout.weight_sync.pusher import WeightPushOptions
 
     # (options class, schema section, {options field: schema field} for the fields copied from the config)
@@ -36,7 +40,42 @@ def _options_classes():
         (DPOOptions, DPOConfig, same(DPOOptions, DPOConfig)),
         (ParallelLayout, ParallelConfig, same(ParallelLayout, ParallelConfig)),
         (WeightPushOptions, WeightSyncConfig, same(WeightPushOptions, WeightSyncConfig, skip=("transport",))),
+        (RLDatasetConfig, schema.DataConfig, same(RLDatasetConfig, schema.DataConfig)),
+        (SFTDatasetConfig, schema.SFTConfig, same(SFTDatasetConfig, schema.SFTConfig)),
+        (DPODatasetConfig, DPOConfig, same(DPODatasetConfig, DPOConfig)),
+        (RewardConfig, schema.RewardConfig, {"num_workers": "num_workers", "timeout_s": "timeout_s",
+                                             "fallback_score": "fallback"}),
     ]
+
+
+# The rollout library's option types are also used on their own (launch/rollout_server.py, tests): their
+# from_config sets every field below from the config, and these defaults are what a direct library
+# call gets. Pinned here so a change to either side is a decision, not drift.
+LIBRARY_DEFAULTS = {
+    ("SamplingOptions", "n"): (1, "rollout.n", 8, "one sample per request unless asked"),
+    ("SamplingOptions", "max_tokens"): (256, "rollout.max_new_tokens", 1024, "short replies for a direct call"),
+    ("SamplingOptions", "top_k"): (0, "rollout.top_k", -1, "vLLM-side 'off' is 0, the config's is -1"),
+    ("VLLMEngineConfig", "gpu_memory_utilization"): (0.85, "rollout.gpu_memory_utilization", 0.6,
+                                                     "a standalone engine owns its GPU; colocated runs share it"),
+    ("EngineGroupOptions", "placement"): ("disaggregated", "rollout.placement", "colocated",
+                                          "standalone engines get their own bundles; the device plan decides for runs"),
+}
+
+
+def test_rollout_library_defaults_are_the_pinned_ones():
+    from megarl.rollout import EngineGroupOptions, SamplingOptions, VLLMEngineConfig
+
+    classes = {"SamplingOptions": SamplingOptions, "VLLMEngineConfig": VLLMEngineConfig,
+               "EngineGroupOptions": EngineGroupOptions}
+    cfg = MegaRLConfig()
+    for (cls_name, field_name), (library, path, schema_default, _why) in LIBRARY_DEFAULTS.items():
+        assert classes[cls_name].__dataclass_fields__[field_name].default == library, (cls_name, field_name)
+        section, leaf = path.split(".")
+        assert getattr(getattr(cfg, section), leaf) == schema_default, path
+    shared = {"temperature": "temperature", "top_p": "top_p"}
+    for option, field_name in shared.items():  # the fields they share without a reason to differ agree
+        assert getattr(SamplingOptions(), option) == getattr(cfg.rollout, field_name)
+    assert VLLMEngineConfig.__dataclass_fields__["enforce_eager"].default == cfg.rollout.enforce_eager
 
 
 @pytest.mark.parametrize("options_cls, section, fields", _options_classes(), ids=lambda x: getattr(x, "__name__", ""))
@@ -117,6 +156,31 @@ def test_rollout_options_from_config_and_the_device_plan(tiny_moe_dir):
     assert SamplingOptions.from_config(cfg.rollout, validation=True) == SamplingOptions(n=1, temperature=0.0, max_tokens=64)
     push = WeightPushOptions.from_config(cfg.rollout.weight_sync, transport=device.weight_transport)
     assert (push.transport, push.verify, push.bucket_mb, push.transport_kwargs) == ("object_store", "digest", 64, {})
+
+
+def test_data_and_reward_options_from_config():
+    from megarl.data import RLDatasetConfig, SFTDatasetConfig
+    from megarl.data.dpo_dataset import DPODatasetConfig
+    from megarl.rewards.config import RewardConfig
+
+    cfg = _recipe(**{"data.prompt_key": "question", "data.max_prompt_length": 77, "data.truncation": "left",
+                     "data.filter_overlong_prompts": False, "sft.messages_key": "conv", "sft.max_length": 99,
+                     "dpo.max_length": 55, "data.skip_invalid_rows": True, "reward.name": ["math", "format"], "reward.weights": [1.0, 0.5],
+                     "reward.num_workers": 3, "reward.timeout_s": 2.0, "reward.fallback": -1.0,
+                     "reward.overlong_buffer.enable": True, "reward.overlong_buffer.len": 16})
+    rl = RLDatasetConfig.from_config(cfg.data, ["a.parquet"])
+    assert (rl.files, rl.prompt_key, rl.max_prompt_length, rl.truncation, rl.filter_overlong_prompts,
+            rl.skip_invalid_rows) == (["a.parquet"], "question", 77, "left", False, True)
+    sft = SFTDatasetConfig.from_config(cfg.sft, cfg.data, ["s.parquet"])
+    assert (sft.messages_key, sft.max_length, sft.skip_invalid_rows) == ("conv", 99, True)
+    dpo = DPODatasetConfig.from_config(cfg.dpo, cfg.data, ["d.parquet"])
+    assert (dpo.max_length, dpo.skip_invalid_rows) == (55, True)
+    reward = RewardConfig.from_config(cfg.reward, max_response_length=cfg.rollout.max_new_tokens)
+    assert [(t.name, t.weight) for t in reward.terms] == [("math", 1.0), ("format", 0.5), ("overlong", 1.0)]
+    assert reward.terms[-1].kwargs == {"max_response_length": 1024, "overlong_buffer_len": 16, "penalty_factor": 1.0}
+    assert (reward.num_workers, reward.timeout_s, reward.fallback_score) == (3, 2.0, -1.0)
+    custom = RewardConfig.from_config(_recipe(**{"reward.custom_function": "my.py:score"}).reward, 64)
+    assert [t.name for t in custom.terms] == ["my.py:score"]
 
 
 def test_nccl_host_and_port_reach_the_transport():
