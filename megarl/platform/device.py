@@ -65,9 +65,7 @@ class DevicePlan:
     def torch_threads(self, world_size: int) -> int | None:
         """Intra-op threads for one of `world_size` ranks on this machine: on CPU the ranks share the
         cores (else every rank spawns one thread per core and they thrash); None on GPU."""
-        if self.accelerator:
-            return None
-        return max(1, (os.cpu_count() or 1) // max(1, world_size))
+        return None if self.accelerator else _cpu_threads(world_size)
 
     def describe(self) -> str:
         head = (f"device plan: {'cuda' if self.accelerator else 'cpu'} (trainer.device={self.requested}: "
@@ -115,7 +113,7 @@ def device_plan(requested: str | None = None, *, placement: str | None = None, t
                 cpus_per_rank=1.0 if accelerator else 0.5, gpus_per_rank=1 if accelerator else 0,
                 engine_cpus=1.0 if accelerator else 0.5)
     if train_ranks:
-        threads = None if accelerator else max(1, (os.cpu_count() or 1) // train_ranks)
+        threads = None if accelerator else _cpu_threads(train_ranks)
         decisions.append(Decision("threads_per_rank", threads or "torch default",
                                   f"{train_ranks} CPU ranks share {os.cpu_count()} cores" if threads
                                   else "one process per GPU"))
@@ -129,6 +127,10 @@ def device_plan(requested: str | None = None, *, placement: str | None = None, t
             _ANNOUNCED.add(text)
             print(text, flush=True)
     return result
+
+
+def _cpu_threads(world_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, world_size))
 
 
 def _rollout_decisions(accelerator: bool, placement: str, transport: str, enforce_eager: bool,

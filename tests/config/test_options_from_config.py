@@ -136,7 +136,8 @@ def test_production_routes_use_from_config():
     assert (micro_batch_options(fixed).micro_batch_size, micro_batch_options(fixed, critic=True).micro_batch_size) == (4, 2)
 
 
-def test_rollout_options_from_config_and_the_device_plan(tiny_moe_dir):
+def test_rollout_options_from_config_and_the_device_plan(tiny_moe_dir, monkeypatch):
+    monkeypatch.setenv("MEGARL_DEVICE", "auto")  # device_plan("cpu") sets it for the run; restored after
     from megarl.platform.device import device_plan
     from megarl.rollout import EngineGroupOptions, SamplingOptions, VLLMEngineConfig
     from megarl.rollout.weight_sync.pusher import WeightPushOptions

@@ -12,8 +12,9 @@ from megarl.platform.device import device_plan
 
 @pytest.fixture(autouse=True)
 def fresh_device_env(monkeypatch):
-    """A plan for trainer.device=cpu sets MEGARL_DEVICE for the processes the run starts: undo it."""
-    monkeypatch.delenv(device_mod.DEVICE_ENV, raising=False)
+    """A plan for trainer.device=cpu sets MEGARL_DEVICE for the processes the run starts: monkeypatch
+    restores the variable (unset) after the test."""
+    monkeypatch.setenv(device_mod.DEVICE_ENV, "auto")
     monkeypatch.setattr(device_mod, "_ANNOUNCED", set())
     yield
     device_mod._process_plan.cache_clear()
@@ -40,7 +41,7 @@ def test_plan_on_a_machine_without_cuda(requested):
 
 
 def test_cpu_request_is_handed_to_the_processes_the_run_starts():
-    assert device_plan("auto").requested == "auto" and device_mod.DEVICE_ENV not in os.environ
+    assert device_plan("auto").requested == "auto" and os.environ[device_mod.DEVICE_ENV] == "auto"
     device_plan("cpu")
     assert os.environ[device_mod.DEVICE_ENV] == "cpu"
     assert device_plan().requested == "cpu"  # a worker's plan: the driver's decision

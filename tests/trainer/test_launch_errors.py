@@ -28,6 +28,7 @@ def no_workers_may_start(monkeypatch):
         raise AssertionError("bad input must be rejected before Ray or any worker starts")
 
     monkeypatch.setattr(ray_runtime, "init_ray", refuse)
+    monkeypatch.setenv("MEGARL_DEVICE", "auto")  # the cpu recipe's device plan sets it; restored after the test
     monkeypatch.setattr(worker_group.RayWorkerGroup, "__init__", refuse)
 
 
