@@ -39,6 +39,19 @@ def micro_batch_options(cfg: MegaRLConfig, for_log_prob: bool = False, critic: b
                                          micro_batch_size=cfg.critic.micro_batch_size if critic else None)
 
 
+def model_config_overrides(cfg: MegaRLConfig, trainable: bool = True) -> dict:
+    """TransformerConfig fields set from the config: the MoE router dtype and, for a trainable
+    engine, activation recomputation (parallel.recompute, megatron's names; a frozen model keeps no
+    activations for a backward, so it has nothing to recompute)."""
+    overrides = {"moe_router_dtype": cfg.actor.router_dtype} if cfg.actor.router_dtype else {}
+    rc = cfg.parallel.recompute
+    if trainable and rc.granularity is not None:
+        overrides["recompute_granularity"] = rc.granularity
+        if rc.granularity == "full":
+            overrides.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
+    return overrides
+
+
 def build_engine(cfg: MegaRLConfig, hf_dir: str, *, micro_batches, total_optimizer_steps: int | None = None,
                  optimizer=None, value_head: bool = False):
     """A `MegatronEngine` for `hf_dir` at the run's layout (init_distributed already called).
@@ -51,9 +64,8 @@ def build_engine(cfg: MegaRLConfig, hf_dir: str, *, micro_batches, total_optimiz
     from megarl.models.engine import EngineOptions, MegatronEngine
 
     trainable = total_optimizer_steps is not None
-    overrides = {"moe_router_dtype": cfg.actor.router_dtype} if cfg.actor.router_dtype else {}
     handle = build_megatron_model(hf_dir, parallel_layout(cfg), trainable=trainable, dtype=DTYPES[cfg.model.dtype],
-                                  config_overrides=overrides, value_head=value_head)
+                                  config_overrides=model_config_overrides(cfg, trainable), value_head=value_head)
     options = optimizer_options(cfg, total_optimizer_steps, optimizer) if trainable else None
     return MegatronEngine(handle, EngineOptions(micro_batches=micro_batches, optimizer=options))
 

@@ -3,8 +3,8 @@
 A field is identified by its section class and name (`OptimizerConfig.lr` covers `optimizer.lr`
 and `critic.optimizer.lr`: both reach code as an OptimizerConfig). It counts as read where an
 expression known to be that section has the attribute loaded: `cfg.rollout.n`, `r.n` after
-`r = cfg.rollout`, `rollout.n` in a function whose parameter is named after the section
-(`def from_config(cls, rollout)`), `getattr(section, "n")` or `getattr(section, name)` with `name`
+`r = cfg.rollout`, `rollout.n` in a `from_config` whose parameter is named after the section
+(`def from_config(cls, rollout)`) or a parameter annotated with the section class, `getattr(section, "n")` or `getattr(section, name)` with `name`
 looping over literal strings; calling a method of the section (`reward.terms()`) reads what the
 method reads. megarl/config/ is not scanned except resolve.py (derived defaults): it defines and
 validates the fields (refusals are tested separately), so a field only checked there is not "read".
@@ -129,10 +129,14 @@ class _Scope(ast.NodeVisitor):
 
     def visit_FunctionDef(self, node):
         aliases = dict(self.aliases)
+        classes = {cls.__name__: cls for cls in self.section_names.values()}
         for arg in node.args.args + node.args.kwonlyargs:
-            if arg.arg in self.section_names:
-                aliases[arg.arg] = self.section_names[arg.arg]
-            elif arg.annotation is not None and "MegaRLConfig" in ast.unparse(arg.annotation):
+            annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+            if node.name == "from_config" and arg.arg in self.section_names:
+                aliases[arg.arg] = self.section_names[arg.arg]  # from_config(cls, rollout): the section
+            elif annotation in classes:
+                aliases[arg.arg] = classes[annotation]
+            elif "MegaRLConfig" in annotation:
                 aliases[arg.arg] = self.root
         inner = _Scope(self.root, self.section_names, self.reads, aliases)
         for stmt in node.body:

@@ -76,7 +76,7 @@ def test_the_walk_catches_an_unread_field_and_sees_a_read_one():
 @pytest.mark.parametrize("source", [
     "def f(cfg):\n    return cfg.rollout.dummy_switch\n",
     "def f(self):\n    return self.cfg.rollout.dummy_switch\n",
-    "def f(rollout):\n    return rollout.dummy_switch\n",
+    "def from_config(cls, rollout):\n    return rollout.dummy_switch\n",
     "def f(cfg):\n    return getattr(cfg.rollout, 'dummy_switch')\n",
     "def f(cfg):\n    for name in ('n', 'dummy_switch'):\n        getattr(cfg.rollout, name)\n",
 ])
