@@ -100,7 +100,7 @@ def device_plan(requested: str | None = None, *, placement: str | None = None, t
     if requested == "cpu":
         os.environ[DEVICE_ENV] = "cpu"  # processes started from here (Ray actors, engines) decide the same
     decisions: list[Decision] = []
-    why = ("trainer.device=cpu" if requested == "cpu" else
+    why = (("forced, CUDA left unused" if cuda else "requested") if requested == "cpu" else
            "CUDA is visible" if accelerator else "no CUDA device is visible")
     layer_spec = "local"
     if accelerator and importlib.util.find_spec("transformer_engine") is not None:
