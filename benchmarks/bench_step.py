@@ -62,7 +62,7 @@ def bench(hf_dir: str, layout_kwargs: dict, steps: int, num_seqs: int, max_len: 
     init_distributed(layout)
     engine = MegatronEngine(
         build_megatron_model(hf_dir, layout),
-        EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=max_tokens), optimizer=OptimizerOptions(lr=1e-5)),
+        EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=max_tokens), optimizer=OptimizerOptions(lr=1e-5, weight_decay=0.0, use_distributed_optimizer=False)),
     )
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(max_len // 4, max_len + 1, (num_seqs,), generator=gen).tolist()

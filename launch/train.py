@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg)
-    except (DataFormatError, CheckpointError) as exc:
-        # datasets and the resume checkpoint are checked before any process group or actor starts
+    except (ConfigError, DataFormatError, CheckpointError) as exc:
+        # switches a run cannot honour yet, the device (trainer.device), the datasets and the resume
+        # checkpoint are checked before any process group or actor starts
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

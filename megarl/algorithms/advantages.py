@@ -51,8 +51,8 @@ class AdvantageOptions:
 
     @classmethod
     def from_config(cls, algorithm) -> "AdvantageOptions":
-        """From any object with these field names (megarl.config's AlgorithmConfig)."""
-        return cls(**{f: getattr(algorithm, f) for f in cls.__dataclass_fields__ if hasattr(algorithm, f)})
+        """From megarl.config's AlgorithmConfig (epsilon and whiten_gae are not config fields)."""
+        return cls(gamma=algorithm.gamma, lam=algorithm.lam, norm_adv_by_std=algorithm.norm_adv_by_std)
 
     def __post_init__(self):
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:

@@ -118,6 +118,11 @@ class KLRewardOptions:
     horizon: int = 10000
     estimator: str = "k1"
 
+    @classmethod
+    def from_config(cls, kl_ctrl) -> "KLRewardOptions":
+        """From megarl.config's KLControlConfig (algorithm.kl_ctrl); the estimator keeps its default."""
+        return cls(type=kl_ctrl.type, kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
+
     def __post_init__(self):
         if self.type not in ("fixed", "adaptive"):
             raise ValueError(f"unknown kl controller type {self.type!r}; registered: adaptive, fixed")

@@ -110,16 +110,17 @@ class PolicyLossOptions:
 
     @classmethod
     def from_config(cls, algorithm) -> "PolicyLossOptions":
-        """From any object with these field names (megarl.config's AlgorithmConfig); its `tis`
-        section (level, is_cap, reject_above, reject_below) becomes `rollout_correction`."""
-        names = [f for f in cls.__dataclass_fields__ if f != "rollout_correction" and hasattr(algorithm, f)]
-        kwargs = {name: getattr(algorithm, name) for name in names}
-        tis = getattr(algorithm, "tis", None)
-        if tis is not None:
-            kwargs["rollout_correction"] = RolloutCorrectionOptions(
-                **{f: getattr(tis, f) for f in RolloutCorrectionOptions.__dataclass_fields__ if hasattr(tis, f)}
-            )
-        return cls(**kwargs)
+        """From megarl.config's AlgorithmConfig; its `tis` section becomes `rollout_correction`."""
+        a = algorithm
+        return cls(
+            policy_loss=a.policy_loss, clip_ratio=a.clip_ratio, clip_ratio_low=a.clip_ratio_low,
+            clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
+            use_kl_loss=a.use_kl_loss, kl_loss_coef=a.kl_loss_coef, kl_loss_type=a.kl_loss_type,
+            entropy_coeff=a.entropy_coeff, tau_pos=a.tau_pos, tau_neg=a.tau_neg, clip_cov_ratio=a.clip_cov_ratio,
+            clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub, kl_cov_ratio=a.kl_cov_ratio,
+            ppo_kl_coef=a.ppo_kl_coef, dro_beta=a.dro_beta, bypass_loss_type=a.bypass_loss_type,
+            rollout_correction=RolloutCorrectionOptions.from_config(a.tis),
+        )
 
     @property
     def clip_low(self) -> float:

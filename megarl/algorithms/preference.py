@@ -68,6 +68,11 @@ class DPOOptions:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
 
+    @classmethod
+    def from_config(cls, dpo) -> "DPOOptions":
+        """From megarl.config's DPOConfig."""
+        return cls(beta=dpo.beta, loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing)
+
     def __post_init__(self):
         DPO_LOSSES.check(self.loss_type)
         if self.beta <= 0:

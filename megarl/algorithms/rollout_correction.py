@@ -40,6 +40,11 @@ class RolloutCorrectionOptions:
     reject_above: float | None = None
     reject_below: float | None = None
 
+    @classmethod
+    def from_config(cls, tis) -> "RolloutCorrectionOptions":
+        """From megarl.config's TISConfig (algorithm.tis)."""
+        return cls(level=tis.level, is_cap=tis.is_cap, reject_above=tis.reject_above, reject_below=tis.reject_below)
+
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"unknown rollout correction level {self.level!r}; registered: {', '.join(LEVELS)}")

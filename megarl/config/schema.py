@@ -68,11 +68,20 @@ class WeightSyncConfig:
     """Registered weight transport (megarl.rollout.weight_sync); auto = chosen by placement and device."""
     bucket_mb: int = 512
     """Trainer → rollout weight push is sent in buckets of about this many MiB."""
+    verify: Literal["none", "digest", "checksum", "all", "logprobs"] = "none"
+    """Check each push: digest = every engine hashes each received bucket and must match the sender;
+    checksum = after the push all engines' full weight checksums must agree; all = both; logprobs =
+    after the push every engine scores fixed probe sequences and must match the trainer's log-probs."""
+    nccl_host: Optional[str] = None
+    """transport=nccl: the rendezvous address the engines connect to; None = the sending rank's node IP."""
+    nccl_port: int = 29555
+    """transport=nccl: the base rendezvous port; sender s and engine e use nccl_port + s * engines + e."""
 
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["vllm", "hf"] = "vllm"
+    engine: Literal["vllm"] = "vllm"
+    """The rollout engine (megarl.rollout.vllm_engine); vLLM is the only one."""
     n: int = 8
     """Responses sampled per prompt (the GRPO group size)."""
     temperature: float = 1.0
@@ -90,9 +99,10 @@ class RolloutConfig:
     """colocated: rollout and training time-share every GPU; disaggregated: the rollout engines get
     their own `num_engines * tensor_parallel_size` GPUs and training the rest."""
     max_turns: int = 1
-    """> 1 enables multi-turn rollouts driven by `multi_turn_scheduler`."""
+    """Turns per rollout. Only 1 for now: the RL loop does not drive multi-turn rollouts yet
+    (megarl.rollout.multi_turn works standalone), so > 1 is refused."""
     multi_turn_scheduler: Optional[str] = None
-    """Registered scheduler name, or `module:function` / `path.py:function`."""
+    """Registered scheduler name, or `module:function` / `path.py:function`; refused for now (see max_turns)."""
     enforce_eager: bool = False
     """vLLM: skip CUDA-graph capture (slower decoding, faster start, less memory)."""
     max_num_batched_tokens: Optional[int] = None
@@ -144,7 +154,7 @@ class RewardConfig:
     """Per-sample limit; a reward that takes longer scores `fallback`."""
     fallback: float = 0.0
     """Score given when the reward function raises or times out."""
-    num_workers: int = 4
+    num_workers: int = 2
     """Worker processes scoring samples in parallel."""
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 
@@ -284,11 +294,12 @@ class ActorConfig:
     log_prob_max_token_len_per_gpu: Optional[int] = None
     """Token budget for old/ref log-prob passes; None = max_token_len_per_gpu."""
     param_offload: bool = False
-    """Move parameters to host memory while the rollout engine runs (colocated)."""
+    """Move parameters to host memory while the rollout engine runs (colocated). Counted by the
+    --dry-run memory plan; a run refuses it until the trainer moves state between phases."""
     grad_offload: bool = False
-    """Move the gradient buffers to host memory outside the update phase."""
+    """Move the gradient buffers to host memory outside the update phase (as param_offload: plan only)."""
     optimizer_offload: bool = False
-    """Move the GPU-resident optimizer states to host memory outside the update phase."""
+    """Move the GPU-resident optimizer states to host memory outside the update phase (as param_offload)."""
     router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
     """MoE router logits / softmax dtype (megatron moe_router_dtype); None = model dtype."""
 
@@ -370,6 +381,8 @@ class TrainerConfig:
     gpus_per_node: int = 8
     """Accelerators per node; on CPU the number of worker processes per node."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = CUDA when visible, else CPU; cpu forces the CPU path even where CUDA exists; cuda without a
+    visible GPU is an error at start (megarl.platform.device_plan decides and prints what follows)."""
     gpu_memory_gib: float = 80.0
     """Memory of one accelerator, for the dry-run memory plan."""
     host_memory_gib: Optional[float] = None

@@ -100,8 +100,22 @@ def _rollout(cfg, errors, warnings):
         errors.append(f"rollout.top_k: must be -1 (off) or >= 1, got {r.top_k}")
     if not 0 < r.gpu_memory_utilization <= 1:
         errors.append(f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}")
-    if r.max_turns > 1 and not r.multi_turn_scheduler:
-        errors.append(f"rollout.multi_turn_scheduler: required when rollout.max_turns > 1 (max_turns={r.max_turns})")
+    # Refused, not ignored: the RL loop generates single-turn rollouts only (a later issue wires
+    # megarl.rollout.multi_turn into it).
+    if r.max_turns > 1:
+        errors.append(f"rollout.max_turns: {r.max_turns} > 1, but the RL loop does not run multi-turn rollouts yet "
+                      "(megarl.rollout.multi_turn.run_multi_turn works on its own); set rollout.max_turns=1")
+    if r.multi_turn_scheduler:
+        errors.append(f"rollout.multi_turn_scheduler: {r.multi_turn_scheduler!r} would not be used: the RL loop does "
+                      "not run multi-turn rollouts yet; unset it (null)")
+    _positive(errors, "rollout.weight_sync.nccl_port", r.weight_sync.nccl_port)
+    if r.weight_sync.nccl_port > 65535:
+        errors.append(f"rollout.weight_sync.nccl_port: {r.weight_sync.nccl_port} is not a TCP port (1-65535)")
+    if r.weight_sync.transport != "nccl":
+        for name, default in (("nccl_host", None), ("nccl_port", 29555)):
+            if getattr(r.weight_sync, name) != default:
+                errors.append(f"rollout.weight_sync.{name}: only used by transport=nccl "
+                              f"(transport={r.weight_sync.transport!r}); unset it or set the transport to nccl")
     world = cfg.world_size
     if r.placement == "disaggregated":
         if not r.num_engines:
@@ -298,11 +312,6 @@ def _actor(cfg, errors, warnings):
     elif d.train_batch_size % ac.ppo_mini_batch_size:
         errors.append(f"actor.ppo_mini_batch_size: {ac.ppo_mini_batch_size} does not divide "
                       f"data.train_batch_size {d.train_batch_size} (both count prompts)")
-    # Say so rather than silently ignore them: the trainer does not yet move state between phases.
-    not_yet = [name for name in ("param_offload", "grad_offload", "optimizer_offload") if getattr(ac, name)]
-    if not_yet:
-        warnings.append(f"actor.{', actor.'.join(not_yet)}: accepted but not acted on yet (the memory plan "
-                        "counts them; the trainer keeps actor and reference state in place between phases)")
     longest = d.max_prompt_length + cfg.rollout.max_new_tokens
     if ac.use_dynamic_bsz:
         for name in ("max_token_len_per_gpu", "log_prob_max_token_len_per_gpu"):
@@ -329,6 +338,25 @@ def _trainer(cfg, errors, warnings):
         errors.append("trainer.resume: auto, disable, or a checkpoint folder")
     if t.test_freq > 0 and not cfg.data.val_files:
         errors.append(f"data.val_files: required with trainer.test_freq={t.test_freq}; or set test_freq=-1")
+
+
+NOT_WIRED_OFFLOADS = ("param_offload", "grad_offload", "optimizer_offload")
+
+
+def start_errors(cfg: MegaRLConfig) -> list[str]:
+    """Problems that stop a run from starting but not a --dry-run: switches the memory planner
+    counts and the trainer does not act on yet."""
+    on = [name for name in NOT_WIRED_OFFLOADS if getattr(cfg.actor, name)]
+    return [f"actor.{name}: the trainer does not move actor state to host memory between phases yet, so this "
+            "run would not get the memory the plan counts on; set it to false to run (--dry-run plans with it)"
+            for name in on]
+
+
+def check_can_start(cfg: MegaRLConfig) -> None:
+    """Raise ConfigError when a validated config must not start a run (see start_errors)."""
+    errors = start_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
 
 
 def _registries(cfg, errors):

@@ -35,6 +35,12 @@ class DPODatasetConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     skip_invalid_rows: bool = False
 
+    @classmethod
+    def from_config(cls, dpo, data, files) -> "DPODatasetConfig":
+        """From megarl.config's DPOConfig (and DataConfig's skip_invalid_rows), for `files` (pairs
+        longer than max_length are dropped)."""
+        return cls(files=list(files), max_length=dpo.max_length, skip_invalid_rows=data.skip_invalid_rows)
+
 
 @dataclass
 class PreferenceSample:

@@ -54,6 +54,13 @@ class RLDatasetConfig:
     max_samples: int | None = None
     skip_invalid_rows: bool = False
 
+    @classmethod
+    def from_config(cls, data, files) -> "RLDatasetConfig":
+        """From megarl.config's DataConfig, for `files` (data.train_files or data.val_files)."""
+        return cls(files=list(files), prompt_key=data.prompt_key, max_prompt_length=data.max_prompt_length,
+                   filter_overlong_prompts=data.filter_overlong_prompts, truncation=data.truncation,
+                   skip_invalid_rows=data.skip_invalid_rows)
+
     def validate(self) -> None:
         if not self.files:
             raise ValueError("data.files is empty: give at least one parquet or JSONL file")

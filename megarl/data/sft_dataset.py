@@ -29,6 +29,13 @@ class SFTDatasetConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     skip_invalid_rows: bool = False
 
+    @classmethod
+    def from_config(cls, sft, data, files) -> "SFTDatasetConfig":
+        """From megarl.config's SFTConfig (and DataConfig's skip_invalid_rows), for `files`."""
+        return cls(files=list(files), messages_key=sft.messages_key, max_length=sft.max_length,
+                   filter_overlong=sft.filter_overlong, truncation=sft.truncation,
+                   skip_invalid_rows=data.skip_invalid_rows)
+
 
 @dataclass
 class SFTSample:

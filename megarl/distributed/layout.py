@@ -36,6 +36,13 @@ class ParallelLayout:
     sequence_parallel: bool | None = None
     num_layers_in_last_pipeline_stage: int | None = None
 
+    @classmethod
+    def from_config(cls, parallel) -> "ParallelLayout":
+        """From megarl.config's ParallelConfig (recompute is a model setting, not a layout)."""
+        return cls(tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp, ep=parallel.ep, etp=parallel.etp,
+                   cp=parallel.cp, sequence_parallel=parallel.sequence_parallel,
+                   num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage)
+
     @property
     def expert_tensor_parallel_size(self) -> int:
         return self.tp if self.etp is None else self.etp

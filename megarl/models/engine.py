@@ -60,6 +60,15 @@ class MicroBatchOptions:
     packed: bool = True  # THD packing (no padding between sequences) vs padded [b, S] rows
     group_size: int = 1  # keep runs of this many consecutive sequences in one micro-batch (DPO pairs)
 
+    @classmethod
+    def from_config(cls, actor, *, for_log_prob: bool = False, micro_batch_size: int | None = None) -> "MicroBatchOptions":
+        """From megarl.config's ActorConfig: by token budget with use_dynamic_bsz (the log-prob passes'
+        budget with `for_log_prob`), else `micro_batch_size` sequences (default the actor's)."""
+        if actor.use_dynamic_bsz:
+            return cls(max_tokens_per_gpu=actor.log_prob_max_token_len_per_gpu if for_log_prob
+                       else actor.max_token_len_per_gpu)
+        return cls(micro_batch_size=micro_batch_size or actor.micro_batch_size)
+
     def __post_init__(self):
         if self.micro_batch_size is not None and self.max_tokens_per_gpu is not None:
             raise ValueError("set micro_batch_size or max_tokens_per_gpu, not both")

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megarl.config.schema import OptimizerConfig
+from megarl.platform.device import accelerator_available, process_plan
+
 LR_DECAY_STYLES = ("constant", "cosine", "linear")
+_CONFIG = OptimizerConfig()  # the one place the defaults of the fields that come from the config live
 
 
 @dataclass
@@ -27,23 +31,39 @@ class OptimizerOptions:
     """Optimizer and schedule settings (units: learning rates absolute, steps = optimizer steps)."""
 
     optimizer: str = "adam"  # "adam" (AdamW when weight_decay is decoupled) or "sgd"
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
-    lr_warmup_steps: int = 0
+    lr: float = _CONFIG.lr
+    min_lr: float = _CONFIG.min_lr
+    weight_decay: float = _CONFIG.weight_decay
+    adam_beta1: float = _CONFIG.adam_beta1
+    adam_beta2: float = _CONFIG.adam_beta2
+    adam_eps: float = _CONFIG.adam_eps
+    clip_grad: float = _CONFIG.clip_grad  # max global grad norm; 0 disables clipping
+    lr_warmup_steps: int = _CONFIG.lr_warmup_steps
     lr_warmup_init: float = 0.0  # lr at step 0 of the warmup
-    lr_decay_steps: int | None = None  # default: warmup + 1 (constant after warmup)
-    lr_decay_style: str = "constant"
-    use_distributed_optimizer: bool = False
-    bf16: bool = False
-    optimizer_cpu_offload: bool = False
-    optimizer_offload_fraction: float = 1.0  # share of parameters (by numel) whose update runs on CPU
-    overlap_cpu_optimizer_d2h_h2d: bool = False
-    use_precision_aware_optimizer: bool = False
+    lr_decay_steps: int | None = _CONFIG.lr_decay_steps  # default: warmup + 1 (constant after warmup)
+    lr_decay_style: str = _CONFIG.lr_decay_style
+    use_distributed_optimizer: bool = _CONFIG.use_distributed_optimizer
+    bf16: bool = False  # from model.dtype
+    optimizer_cpu_offload: bool = _CONFIG.optimizer_cpu_offload
+    optimizer_offload_fraction: float = _CONFIG.optimizer_offload_fraction  # share of parameters (by numel) updated on CPU
+    overlap_cpu_optimizer_d2h_h2d: bool = _CONFIG.overlap_cpu_optimizer_d2h_h2d
+    use_precision_aware_optimizer: bool = _CONFIG.use_precision_aware_optimizer
+
+    @classmethod
+    def from_config(cls, optimizer: OptimizerConfig, *, total_optimizer_steps: int, bf16: bool) -> "OptimizerOptions":
+        """From megarl.config's OptimizerConfig (`optimizer` or `critic.optimizer`). The LR schedule
+        decays over `lr_decay_steps`, or else over the run's `total_optimizer_steps` (at least one
+        step past the warmup); `bf16` = model.dtype is bf16."""
+        o = optimizer
+        return cls(
+            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps, clip_grad=o.clip_grad, lr_warmup_steps=o.lr_warmup_steps,
+            lr_decay_steps=o.lr_decay_steps or max(total_optimizer_steps, o.lr_warmup_steps + 1),
+            lr_decay_style=o.lr_decay_style, use_distributed_optimizer=o.use_distributed_optimizer, bf16=bf16,
+            optimizer_cpu_offload=o.optimizer_cpu_offload, optimizer_offload_fraction=o.optimizer_offload_fraction,
+            overlap_cpu_optimizer_d2h_h2d=o.overlap_cpu_optimizer_d2h_h2d,
+            use_precision_aware_optimizer=o.use_precision_aware_optimizer,
+        )
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
@@ -79,7 +99,7 @@ class OptimizerOptions:
             optimizer_offload_fraction=self.optimizer_offload_fraction if self.optimizer_cpu_offload else 0.0,
             overlap_cpu_optimizer_d2h_h2d=self.overlap_cpu_optimizer_d2h_h2d,
             use_precision_aware_optimizer=self.use_precision_aware_optimizer,
-            pin_cpu_grads=torch.cuda.is_available(), pin_cpu_params=torch.cuda.is_available(),
+            pin_cpu_grads=process_plan().pin_memory, pin_cpu_params=process_plan().pin_memory,
         )
 
 
@@ -123,7 +143,7 @@ def _make_host_copy_class():
         offload fraction, the CPU copies, the grad copies and the copy-back hook are megatron's."""
 
         def _get_sub_optimizer_param_groups(self, offload_fraction: float):
-            if torch.cuda.is_available():
+            if accelerator_available():
                 return super()._get_sub_optimizer_param_groups(offload_fraction)
             params = [p for group in self.param_groups for p in group["params"]]
             threshold = sum(p.numel() for p in params) * offload_fraction
@@ -163,7 +183,7 @@ def _host_copy_offload(enabled: bool):
     where get_megatron_optimizer constructs it and where the distributed optimizer rebuilds it).
     isinstance checks against the original class keep working afterwards."""
     global _HOST_COPY_CLASS
-    if not enabled or torch.cuda.is_available():
+    if not enabled or accelerator_available():
         yield
         return
     import megatron.core.optimizer as optimizer_pkg

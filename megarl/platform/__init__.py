@@ -5,9 +5,20 @@ import it when they are imported / applied.
 """
 
 from megarl.platform.config_overrides import transformer_config_overrides
-from megarl.platform.device import accelerator_available, apply_device_compat, collective_backend, current_device
+from megarl.platform.device import (
+    DevicePlan,
+    accelerator_available,
+    apply_device_compat,
+    collective_backend,
+    current_device,
+    device_plan,
+    process_plan,
+)
 
 __all__ = [
+    "DevicePlan",
+    "device_plan",
+    "process_plan",
     "accelerator_available",
     "apply_device_compat",
     "collective_backend",

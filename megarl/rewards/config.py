@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from megarl.config.schema import RewardConfig as _RewardSection
+
+_SECTION = _RewardSection()  # the defaults of the fields that come from the run config live there
+
 
 @dataclass
 class RewardTermConfig:
@@ -46,10 +50,27 @@ class RewardConfig:
     """
 
     terms: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
-    num_workers: int = 2
-    timeout_s: float = 10.0
-    fallback_score: float = 0.0
+    num_workers: int = _SECTION.num_workers
+    timeout_s: float = _SECTION.timeout_s
+    fallback_score: float = _SECTION.fallback
     start_method: str = "forkserver"
+
+    @classmethod
+    def from_config(cls, reward, max_response_length: int) -> "RewardConfig":
+        """From megarl.config's RewardConfig section: its named terms with their weights (or the one
+        custom function), plus DAPO's overlong term when reward.overlong_buffer is on
+        (`max_response_length` = rollout.max_new_tokens)."""
+        if reward.custom_function:
+            terms = [RewardTermConfig(name=reward.custom_function)]
+        else:
+            terms = [RewardTermConfig(name=name, weight=weight) for name, weight in reward.terms()]
+        ob = reward.overlong_buffer
+        if ob.enable:
+            terms.append(RewardTermConfig(name="overlong", kwargs={
+                "max_response_length": max_response_length, "overlong_buffer_len": ob.len,
+                "penalty_factor": ob.penalty_factor}))
+        return cls(terms=terms, num_workers=reward.num_workers, timeout_s=reward.timeout_s,
+                   fallback_score=reward.fallback)
 
     def validate(self) -> None:
         if not self.terms:

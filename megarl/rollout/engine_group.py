@@ -48,6 +48,12 @@ class EngineGroupOptions:
     engine_cpus: float = 1.0  # CPUs reserved per engine bundle (fractions let small test machines pack engines)
     name: str | None = None  # named actors "<name>-<i>": other processes (training rank 0) find them with engine_handles()
 
+    @classmethod
+    def from_config(cls, cfg, device, num_engines: int) -> "EngineGroupOptions":
+        """From a MegaRLConfig and its DevicePlan: the plan decides the placement actually used (on
+        CPU a colocated recipe runs disaggregated) and the CPUs per engine."""
+        return cls(num_engines=num_engines, placement=device.placement, engine_cpus=device.engine_cpus)
+
     def __post_init__(self):
         if self.on_engine_failure not in ("raise", "restart"):
             raise ValueError(f"on_engine_failure must be raise|restart, got {self.on_engine_failure!r}")

@@ -49,6 +49,15 @@ class SamplingOptions:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
+    @classmethod
+    def from_config(cls, rollout, *, validation: bool = False) -> "SamplingOptions":
+        """From megarl.config's RolloutConfig (its top_k=-1 "off" is vLLM's, here 0); `validation`:
+        greedy pass@1 (one sample, temperature 0) with the same length limit."""
+        if validation:
+            return cls(n=1, temperature=0.0, max_tokens=rollout.max_new_tokens)
+        return cls(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=max(rollout.top_k, 0),
+                   max_tokens=rollout.max_new_tokens)
+
     def with_(self, **changes) -> "SamplingOptions":
         return replace(self, **changes)
 

@@ -24,6 +24,7 @@ from megarl.rollout.types import EngineHealth, RolloutRequest, SampleResult, Sam
 from megarl.rollout.worker_extension import WORKER_EXTENSION
 
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # megarl config dtype -> vLLM's
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,20 @@ class VLLMEngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not os.path.isdir(self.model):
             raise ValueError(f"model must be a local HF checkpoint folder (no hub downloads): {self.model!r}")
+
+    @classmethod
+    def from_config(cls, cfg, device) -> "VLLMEngineConfig":
+        """From a MegaRLConfig and its DevicePlan (megarl.platform.device_plan with the rollout
+        settings): the plan decides sleep mode and eager mode, the config everything else. The
+        context holds the prompt and every turn's response."""
+        r = cfg.rollout
+        return cls(
+            model=cfg.model.path, tensor_parallel_size=r.tensor_parallel_size, dtype=VLLM_DTYPES[cfg.model.dtype],
+            max_model_len=cfg.data.max_prompt_length + r.max_new_tokens * max(1, r.max_turns), seed=cfg.trainer.seed,
+            logprobs_mode="processed_logprobs", enforce_eager=device.enforce_eager,
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=device.enable_sleep_mode,
+            engine_kwargs={k: v for k, v in {"max_num_batched_tokens": r.max_num_batched_tokens}.items() if v},
+        )
 
     @classmethod
     def for_cpu_tests(cls, model: str, **changes) -> "VLLMEngineConfig":
@@ -101,11 +116,11 @@ class VLLMEngine:
     """One vLLM engine. Every public method is also a Ray actor method."""
 
     def __init__(self, config: VLLMEngineConfig, engine_index: int = 0):
-        import torch
+        from megarl.platform.device import accelerator_available
 
         self.config = config
         self.engine_index = engine_index
-        self.cpu = not torch.cuda.is_available()
+        self.cpu = not accelerator_available()
         if self.cpu and config.enable_sleep_mode:
             raise ValueError("enable_sleep_mode is not supported by vLLM on CPU; leave it False (sleep() is a no-op)")
         if self.cpu and config.tensor_parallel_size > 1:

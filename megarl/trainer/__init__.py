@@ -11,6 +11,7 @@ Two ways to start the same loop:
 
 
 import importlib
+import os
 
 TRAINERS = {
     "rl": "megarl.trainer.rl_trainer:RLTrainer",
@@ -25,8 +26,14 @@ def trainer_class(kind: str):
 
 
 def run(cfg) -> list[dict]:
+    from megarl.config.validate import check_can_start
+    from megarl.trainer import components
     from megarl.trainer.worker_group import follow_rank0, launched_by_torchrun
 
+    check_can_start(cfg)  # ConfigError before any process group or actor
+    # Decided (and printed by rank 0) once, before anything starts; under torchrun every rank decides
+    # the same. Impossible device requests (cuda without CUDA, a CUDA transport on CPU) are ConfigErrors.
+    components.device_plan(cfg, announce=os.environ.get("RANK", "0") == "0")
     if launched_by_torchrun():
         import torch.distributed as dist
 

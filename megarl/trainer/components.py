@@ -15,12 +15,7 @@ def load_tokenizer(cfg: MegaRLConfig):
 def prompt_dataset(cfg: MegaRLConfig, tokenizer, files):
     from megarl.data import RLDataset, RLDatasetConfig
 
-    d = cfg.data
-    return RLDataset(RLDatasetConfig(
-        files=list(files), prompt_key=d.prompt_key, max_prompt_length=d.max_prompt_length,
-        filter_overlong_prompts=d.filter_overlong_prompts, truncation=d.truncation,
-        skip_invalid_rows=d.skip_invalid_rows,
-    ), tokenizer)
+    return RLDataset(RLDatasetConfig.from_config(cfg.data, files), tokenizer)
 
 
 def train_loader(cfg: MegaRLConfig, dataset):
@@ -31,48 +26,40 @@ def train_loader(cfg: MegaRLConfig, dataset):
 
 
 def reward_manager(cfg: MegaRLConfig):
-    from megarl.rewards.config import RewardConfig, RewardTermConfig
+    from megarl.rewards.config import RewardConfig
     from megarl.rewards.manager import RewardManager
 
-    r = cfg.reward
-    if r.custom_function:
-        terms = [RewardTermConfig(name=r.custom_function)]
-    else:
-        terms = [RewardTermConfig(name=name, weight=weight) for name, weight in r.terms()]
-    if r.overlong_buffer.enable:
-        terms.append(RewardTermConfig(name="overlong", kwargs={
-            "max_response_length": cfg.rollout.max_new_tokens, "overlong_buffer_len": r.overlong_buffer.len,
-            "penalty_factor": r.overlong_buffer.penalty_factor}))
-    return RewardManager(RewardConfig(terms=terms, num_workers=r.num_workers, timeout_s=r.timeout_s,
-                                      fallback_score=r.fallback))
+    return RewardManager(RewardConfig.from_config(cfg.reward, max_response_length=cfg.rollout.max_new_tokens))
 
 
-def rollout_engines(cfg: MegaRLConfig, num_engines: int):
-    import torch
-
-    from megarl.rollout import EngineGroup, EngineGroupOptions, VLLMEngineConfig
+def device_plan(cfg: MegaRLConfig, *, announce: bool = True):
+    """The device layer's decisions for this run (megarl.platform.device_plan), printed once: with
+    rollouts (trainer.type rl) also the placement, weight transport, sleep and eager mode it forces."""
+    from megarl.config.resolve import train_gpus
+    from megarl.platform.device import device_plan as plan
 
     r = cfg.rollout
-    cpu = not torch.cuda.is_available()
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype]
-    max_len = cfg.data.max_prompt_length + r.max_new_tokens * max(1, r.max_turns)
-    engine_config = VLLMEngineConfig(
-        model=cfg.model.path, tensor_parallel_size=r.tensor_parallel_size, dtype=dtype, max_model_len=max_len,
-        seed=cfg.trainer.seed, logprobs_mode="processed_logprobs", enforce_eager=r.enforce_eager or cpu,
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        enable_sleep_mode=(r.placement == "colocated" and not cpu),
-        engine_kwargs={k: v for k, v in {"max_num_batched_tokens": r.max_num_batched_tokens}.items() if v},
-    )
-    return EngineGroup(engine_config, EngineGroupOptions(
-        num_engines=num_engines, placement="disaggregated" if cpu else r.placement,
-        engine_cpus=0.5 if cpu else 1.0))
+    rollout = dict(placement=r.placement, transport=r.weight_sync.transport, enforce_eager=r.enforce_eager)
+    with_rollout = cfg.trainer.type == "rl"
+    return plan(cfg.trainer.device, **(rollout if with_rollout else {}),
+                train_ranks=train_gpus(cfg) if with_rollout else cfg.world_size, announce=announce)
+
+
+def rollout_engines(cfg: MegaRLConfig, num_engines: int, device):
+    """The vLLM engine group; `device` is this run's DevicePlan (it decides placement, sleep, eager)."""
+    from megarl.rollout import EngineGroup, EngineGroupOptions, VLLMEngineConfig
+
+    return EngineGroup(VLLMEngineConfig.from_config(cfg, device),
+                       EngineGroupOptions.from_config(cfg, device, num_engines=num_engines))
+
+
+def weight_push_options(cfg: MegaRLConfig, device):
+    from megarl.rollout.weight_sync.pusher import WeightPushOptions
+
+    return WeightPushOptions.from_config(cfg.rollout.weight_sync, transport=device.weight_transport)
 
 
 def sampling_options(cfg: MegaRLConfig, *, validation: bool = False):
     from megarl.rollout import SamplingOptions
 
-    r = cfg.rollout
-    if validation:  # greedy pass@1
-        return SamplingOptions(n=1, temperature=0.0, max_tokens=r.max_new_tokens)
-    return SamplingOptions(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
-                           max_tokens=r.max_new_tokens)
+    return SamplingOptions.from_config(cfg.rollout, validation=validation)

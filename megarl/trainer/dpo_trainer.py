@@ -20,8 +20,7 @@ class DPOTrainer(SupervisedTrainer):
     def build_dataset(self, files):
         from megarl.data import DPODataset, DPODatasetConfig
 
-        return DPODataset(DPODatasetConfig(files=list(files), max_length=self.cfg.dpo.max_length,
-                                           skip_invalid_rows=self.cfg.data.skip_invalid_rows), self.tokenizer)
+        return DPODataset(DPODatasetConfig.from_config(self.cfg.dpo, self.cfg.data, files), self.tokenizer)
 
     def make_batch(self, samples):
         return preference_batch(samples)

@@ -19,28 +19,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parallel_layout(cfg: MegaRLConfig):
     from megarl.distributed import ParallelLayout
 
-    p = cfg.parallel
-    return ParallelLayout(
-        tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, cp=p.cp, sequence_parallel=p.sequence_parallel,
-        num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
-    )
+    return ParallelLayout.from_config(cfg.parallel)
 
 
 def optimizer_options(cfg: MegaRLConfig, total_optimizer_steps: int, o=None):
     """megatron optimizer options from `o` (an OptimizerConfig; default the actor's `cfg.optimizer`)."""
     from megarl.models.optimizer import OptimizerOptions
 
-    o = o or cfg.optimizer
-    decay_steps = o.lr_decay_steps or max(total_optimizer_steps, o.lr_warmup_steps + 1)
-    return OptimizerOptions(
-        lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps, clip_grad=o.clip_grad, lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style,
-        use_distributed_optimizer=o.use_distributed_optimizer, bf16=cfg.model.dtype == "bf16",
-        optimizer_cpu_offload=o.optimizer_cpu_offload, optimizer_offload_fraction=o.optimizer_offload_fraction,
-        overlap_cpu_optimizer_d2h_h2d=o.overlap_cpu_optimizer_d2h_h2d,
-        use_precision_aware_optimizer=o.use_precision_aware_optimizer,
-    )
+    return OptimizerOptions.from_config(o or cfg.optimizer, total_optimizer_steps=total_optimizer_steps,
+                                        bf16=cfg.model.dtype == "bf16")
 
 
 def micro_batch_options(cfg: MegaRLConfig, for_log_prob: bool = False, critic: bool = False):
@@ -48,11 +35,21 @@ def micro_batch_options(cfg: MegaRLConfig, for_log_prob: bool = False, critic: b
     token budgets)."""
     from megarl.models.engine import MicroBatchOptions
 
-    a = cfg.actor
-    if a.use_dynamic_bsz:
-        budget = a.log_prob_max_token_len_per_gpu if for_log_prob else a.max_token_len_per_gpu
-        return MicroBatchOptions(max_tokens_per_gpu=budget)
-    return MicroBatchOptions(micro_batch_size=cfg.critic.micro_batch_size if critic else a.micro_batch_size)
+    return MicroBatchOptions.from_config(cfg.actor, for_log_prob=for_log_prob,
+                                         micro_batch_size=cfg.critic.micro_batch_size if critic else None)
+
+
+def model_config_overrides(cfg: MegaRLConfig, trainable: bool = True) -> dict:
+    """TransformerConfig fields set from the config: the MoE router dtype and, for a trainable
+    engine, activation recomputation (parallel.recompute, megatron's names; a frozen model keeps no
+    activations for a backward, so it has nothing to recompute)."""
+    overrides = {"moe_router_dtype": cfg.actor.router_dtype} if cfg.actor.router_dtype else {}
+    rc = cfg.parallel.recompute
+    if trainable and rc.granularity is not None:
+        overrides["recompute_granularity"] = rc.granularity
+        if rc.granularity == "full":
+            overrides.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
+    return overrides
 
 
 def build_engine(cfg: MegaRLConfig, hf_dir: str, *, micro_batches, total_optimizer_steps: int | None = None,
@@ -67,9 +64,8 @@ def build_engine(cfg: MegaRLConfig, hf_dir: str, *, micro_batches, total_optimiz
     from megarl.models.engine import EngineOptions, MegatronEngine
 
     trainable = total_optimizer_steps is not None
-    overrides = {"moe_router_dtype": cfg.actor.router_dtype} if cfg.actor.router_dtype else {}
     handle = build_megatron_model(hf_dir, parallel_layout(cfg), trainable=trainable, dtype=DTYPES[cfg.model.dtype],
-                                  config_overrides=overrides, value_head=value_head)
+                                  config_overrides=model_config_overrides(cfg, trainable), value_head=value_head)
     options = optimizer_options(cfg, total_optimizer_steps, optimizer) if trainable else None
     return MegatronEngine(handle, EngineOptions(micro_batches=micro_batches, optimizer=options))
 

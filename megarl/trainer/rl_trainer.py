@@ -54,24 +54,20 @@ class RLTrainer:
         if cfg.algorithm.use_kl_in_reward:
             from megarl.algorithms import KLRewardOptions
 
-            k = cfg.algorithm.kl_ctrl
-            self.kl_controller = KLRewardOptions(k.type, k.kl_coef, k.target_kl, k.horizon).make_controller()
+            self.kl_controller = KLRewardOptions.from_config(cfg.algorithm.kl_ctrl).make_controller()
 
+        device = components.device_plan(cfg)  # before Ray starts: its actors inherit the decision
         init_ray()
-        cpu = not torch.cuda.is_available()
-        self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1)
+        self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1, device=device)
         total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
         critic_updates = self.total_steps * cfg.critic.ppo_epochs * (cfg.data.train_batch_size // cfg.critic.ppo_mini_batch_size)
         # Training ranks: Ray actors placed by this driver, or (under torchrun) torchrun's own processes.
         group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
         self.workers = group_cls(
             MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates, critic_updates),
-            num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1,
+            num_cpus_per_rank=device.cpus_per_rank, num_gpus_per_rank=device.gpus_per_rank,
         )
-        transport = cfg.rollout.weight_sync.transport
-        if transport == "auto":
-            transport = "object_store" if cpu or cfg.rollout.placement == "disaggregated" else "cuda_ipc"
-        self.workers.call_all("attach_rollout", self.rollout.engines, transport, cfg.rollout.weight_sync.bucket_mb)
+        self.workers.call_all("attach_rollout", self.rollout.engines, components.weight_push_options(cfg, device))
         self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(cfg.trainer.logger),
                                     jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
         self.step = 0
@@ -226,7 +222,7 @@ class RLTrainer:
         values = batch.fields.get("values")
         advantages, returns = compute_advantages(
             a.adv_estimator, token_rewards, mask, uids=uids, values=values, **(estimator_inputs or {}),
-            options=AdvantageOptions(gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std))
+            options=AdvantageOptions.from_config(a))
         valid = mask.bool()
         metrics.update(summarize("critic/advantages", advantages[valid].tolist()))
         metrics.update(summarize("critic/rewards", token_rewards.sum(-1).tolist()))

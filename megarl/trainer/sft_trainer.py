@@ -24,10 +24,7 @@ class SFTTrainer(SupervisedTrainer):
     def build_dataset(self, files):
         from megarl.data import SFTDataset, SFTDatasetConfig
 
-        s = self.cfg.sft
-        return SFTDataset(SFTDatasetConfig(files=list(files), messages_key=s.messages_key, max_length=s.max_length,
-                                           filter_overlong=s.filter_overlong, truncation=s.truncation,
-                                           skip_invalid_rows=self.cfg.data.skip_invalid_rows), self.tokenizer)
+        return SFTDataset(SFTDatasetConfig.from_config(self.cfg.sft, self.cfg.data, files), self.tokenizer)
 
     def make_batch(self, samples):
         return sft_batch(samples)

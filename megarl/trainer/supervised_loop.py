@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
 
 from megarl.checkpoint.store import CheckpointStore, read_trainer_state, resolve_resume
 from megarl.config.schema import MegaRLConfig
@@ -58,15 +57,15 @@ class SupervisedTrainer:
         # An upper bound (a capped stream may end sooner); it also spans the LR schedule.
         self.total_steps = min(b for b in (t.total_steps, self.stream.max_batches) if b)
 
+        device = components.device_plan(cfg)  # before Ray starts: its actors inherit the decision
         if not launched_by_torchrun():
             from megarl.utils.ray_runtime import init_ray
 
             init_ray()
-        cpu = not torch.cuda.is_available()
         group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
         self.workers = group_cls(SupervisedWorker, cfg.world_size,  # no rollout: every GPU trains
                                  args=(cfg, self.total_steps),
-                                 num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1)
+                                 num_cpus_per_rank=device.cpus_per_rank, num_gpus_per_rank=device.gpus_per_rank)
         self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(t.logger),
                                     jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
         self.step = 0

@@ -57,7 +57,7 @@ class SupervisedWorker:
         if self.is_dpo:
             self.ref = build_engine(cfg, cfg.model.ref_path or cfg.model.path, micro_batches=self.micro_batches)
             d = cfg.dpo
-            self.dpo_options = DPOOptions(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+            self.dpo_options = DPOOptions.from_config(d)
 
     def _rank0(self, value):
         return value if self.rank == 0 else None

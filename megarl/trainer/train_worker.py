@@ -163,20 +163,18 @@ class MegatronTrainWorker:
         return results if self.rank == 0 else None
 
     # ------------------------------------------------------------------ weights
-    def attach_rollout(self, engines, transport: str, bucket_mb: float, verify: str = "none",
-                       transport_kwargs: dict | None = None) -> None:
-        """Every rank calls it. With the engine handles on every rank (Ray worker group) each
-        pipeline stage's first rank sends its own stage's tensors; under torchrun only rank 0 holds
-        Ray handles (`engines=None` elsewhere) and sends everything (`MegatronWeightPush`)."""
-        from megarl.rollout.weight_sync.pusher import WeightPushOptions, probe_sequences
+    def attach_rollout(self, engines, options) -> None:
+        """Every rank calls it, with the run's `WeightPushOptions`. With the engine handles on every
+        rank (Ray worker group) each pipeline stage's first rank sends its own stage's tensors; under
+        torchrun only rank 0 holds Ray handles (`engines=None` elsewhere) and sends everything
+        (`MegatronWeightPush`)."""
+        from megarl.rollout.weight_sync.pusher import probe_sequences
         from megarl.rollout.weight_sync.staged import MegatronWeightPush
 
-        options = WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify,
-                                    transport_kwargs=dict(transport_kwargs or {}))
         if self.pusher is not None:
             self.pusher.close()
         self.pusher = MegatronWeightPush(self.actor.handle, engines, options)
-        self.push_probe = probe_sequences(self.actor.vocab_size) if verify == "logprobs" else None
+        self.push_probe = probe_sequences(self.actor.vocab_size) if options.verify == "logprobs" else None
 
     @property
     def push_by_stage(self) -> bool:

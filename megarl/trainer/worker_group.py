@@ -52,9 +52,11 @@ class _RankHost:
         os.environ.update(env)
         import torch
 
-        world = int(env["WORLD_SIZE"])
-        if not torch.cuda.is_available():  # ranks share this machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        from megarl.platform.device import process_plan
+
+        threads = process_plan().torch_threads(int(env["WORLD_SIZE"]))
+        if threads:  # CPU ranks share this machine's cores
+            torch.set_num_threads(threads)
         self.worker = worker_cls(*args, **kwargs)
 
     def call(self, method: str, args, kwargs) -> Any:

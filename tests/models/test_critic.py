@@ -109,7 +109,8 @@ def run_critic_layouts(critic_dir: str, actor_dir: str, layouts: dict, export_di
         engine = MegatronEngine(
             build_megatron_model(critic_dir, layout, value_head=True),
             EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=32),
-                          optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP,
+                          optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP, weight_decay=0.0,
+                                                     use_distributed_optimizer=False,
                                                      **OPTIMIZER.get(name, {}))),
         )
         values = engine.forward_values(batch)

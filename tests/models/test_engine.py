@@ -26,6 +26,9 @@ TEMPERATURE = 0.7
 LR, ADAM_EPS, CLIP = 1e-3, 1e-6, 1.0
 ENTROPY_COEF, SEQ_COEF = 0.01, 0.1
 
+# The reference step is torch AdamW without weight decay on one replica: pin what the run config's
+# defaults (weight_decay 0.01, distributed optimizer) would otherwise change.
+PLAIN_ADAMW = {"weight_decay": 0.0, "use_distributed_optimizer": False}
 OFFLOAD_HALF = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}
 OFFLOAD_ALL_OVERLAP = {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0, "overlap_cpu_optimizer_d2h_h2d": True}
 
@@ -169,7 +172,7 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False, rou
             build_megatron_model(model_dirs[case.model], layout, **case.build),
             EngineOptions(
                 micro_batches=MicroBatchOptions(max_tokens_per_gpu=32),
-                optimizer=OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP, **case.optimizer),
+                optimizer=OptimizerOptions(**{**PLAIN_ADAMW, "lr": LR, "adam_eps": ADAM_EPS, "clip_grad": CLIP, **case.optimizer}),
             ),
         )
         logprobs, entropy = engine.forward_logprobs(batch, with_entropy=True)
@@ -195,14 +198,15 @@ def run_layouts(model_dirs: dict, layouts: list, extra_checks: bool = False, rou
     if extra_checks:
         layout = ParallelLayout()
         init_distributed(layout)
-        schedule = OptimizerOptions(lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=4, lr_decay_style="cosine")
+        schedule = OptimizerOptions(lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=4, lr_decay_style="cosine",
+                                    **PLAIN_ADAMW)
         engine = MegatronEngine(build_megatron_model(model_dirs["2l"], layout), EngineOptions(optimizer=schedule))
         small = batch.select([0, 1])
         results["_schedule"] = [engine.train_step(small, make_loss_fn(small), with_entropy=True).lr for _ in range(5)]
         del engine
         results["_bf16_offload"] = {}
         for offload in (False, True):
-            options = OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, bf16=True, use_distributed_optimizer=True,
+            options = OptimizerOptions(lr=LR, adam_eps=ADAM_EPS, bf16=True, use_distributed_optimizer=True, weight_decay=0.0,
                                        optimizer_cpu_offload=offload, optimizer_offload_fraction=0.5)
             handle = build_megatron_model(model_dirs["2l"], layout, dtype=torch.bfloat16)
             engine = MegatronEngine(handle, EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=32), optimizer=options))
@@ -246,7 +250,7 @@ def router_loss_grad_norms(hf_dir: str, runs=None, overrides=ROUTER_LOSSES) -> d
         init_distributed(layout)
         engine = MegatronEngine(
             build_megatron_model(hf_dir, layout, config_overrides=overrides),
-            EngineOptions(micro_batches=MicroBatchOptions(micro_batch_size=2, packed=False), optimizer=OptimizerOptions(lr=LR)),
+            EngineOptions(micro_batches=MicroBatchOptions(micro_batch_size=2, packed=False), optimizer=OptimizerOptions(lr=LR, **PLAIN_ADAMW)),
         )
         batch = pair.select([0, 1] * copies)
         num_tokens = float(batch.num_tokens)

@@ -31,7 +31,7 @@ def test_optimizer_options_reject_bad_values(kwargs, message):
 
 def test_megatron_config_carries_the_options():
     cfg = OptimizerOptions(lr=3e-4, min_lr=1e-5, clip_grad=0.5, optimizer_cpu_offload=True,
-                           optimizer_offload_fraction=0.25).megatron_config()
+                           optimizer_offload_fraction=0.25, use_distributed_optimizer=False).megatron_config()
     assert (cfg.lr, cfg.min_lr, cfg.clip_grad) == (3e-4, 1e-5, 0.5)
     assert cfg.optimizer_cpu_offload and cfg.optimizer_offload_fraction == 0.25
     assert OptimizerOptions().megatron_config().optimizer_offload_fraction == 0.0

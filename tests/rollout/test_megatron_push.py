@@ -64,7 +64,7 @@ def train_and_push(model_dir: str, gcs_address: str) -> bytes:
         init_distributed(layout)
         engine = MegatronEngine(
             build_megatron_model(model_dir, layout),
-            EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=64), optimizer=OptimizerOptions(lr=2e-2)),
+            EngineOptions(micro_batches=MicroBatchOptions(max_tokens_per_gpu=64), optimizer=OptimizerOptions(lr=2e-2, weight_decay=0.0, use_distributed_optimizer=False)),
         )
         before, _ = engine.forward_logprobs(fixed)
         step = engine.train_step(batch, loss_fn)

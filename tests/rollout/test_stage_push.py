@@ -50,6 +50,7 @@ def step_and_push(model_dir: str, gcs_address: str) -> bytes:
     from megarl.models.batch import SequenceBatch
     from megarl.rollout import engine_handles, init_ray
     from megarl.trainer.train_worker import MegatronTrainWorker
+    from megarl.rollout.weight_sync import WeightPushOptions
 
     init_ray(address=gcs_address)
     engines = engine_handles(SHARED_ENGINE_NAME, 1)
@@ -67,13 +68,13 @@ def step_and_push(model_dir: str, gcs_address: str) -> bytes:
         loss_fn = policy_loss_fn(worker.loss_options, compute_loss_normalisers(batch.fields["loss_mask"]))
         worker.actor.train_step(batch, loss_fn)
         megatron, _ = worker.actor.forward_logprobs(SequenceBatch.from_sequences(CHECK))
-        worker.attach_rollout(engines, "object_store", 0.05, verify="logprobs")
+        worker.attach_rollout(engines, WeightPushOptions("object_store", 0.05, verify="logprobs"))
         assert worker.push_by_stage
         staged = worker.push_weights()
         vllm_staged = ray.get(engines[0].score.remote(CHECK)) if rank == 0 else None
         checksum_staged = ray.get(engines[0].weights_checksum.remote()) if rank == 0 else None
         # today's path: only rank 0 holds engines (as under torchrun), the per-tensor exporter
-        worker.attach_rollout(engines if rank == 0 else None, "object_store", 0.05, verify="checksum")
+        worker.attach_rollout(engines if rank == 0 else None, WeightPushOptions("object_store", 0.05, verify="checksum"))
         assert not worker.push_by_stage
         legacy = worker.push_weights()
         if rank == 0:

@@ -28,6 +28,7 @@ def no_workers_may_start(monkeypatch):
         raise AssertionError("bad input must be rejected before Ray or any worker starts")
 
     monkeypatch.setattr(ray_runtime, "init_ray", refuse)
+    monkeypatch.setenv("MEGARL_DEVICE", "auto")  # the cpu recipe's device plan sets it; restored after the test
     monkeypatch.setattr(worker_group.RayWorkerGroup, "__init__", refuse)
 
 
@@ -131,3 +132,28 @@ def test_an_empty_prompt_fails_with_its_row_before_any_worker_starts(tiny_moe_di
     write_records(rows, path)
     assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{path}]") == 2
     assert f"{path} row 5: field 'prompt' is an empty prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--actor.param_offload=true", "actor.param_offload: the trainer does not move actor state to host memory"),
+    ("--trainer.device=cuda", "trainer.device: cuda requested but torch sees no CUDA device"),
+    ("--rollout.weight_sync.transport=cuda_ipc", "rollout.weight_sync.transport: cuda_ipc needs CUDA"),
+])
+def test_switches_a_run_cannot_honour_here_stop_it_before_any_worker_starts(tiny_moe_dir, tmp_path, capsys,
+                                                                           override, message):
+    good = _write_dataset(str(tmp_path / "good.parquet"))
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]", override) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_dry_run_plans_the_offload_switches(tmp_path, capsys):
+    """The 235B recipe turns the offload switches on: its --dry-run still plans (they are counted)."""
+    import json
+
+    from launch.train import main
+    from tests.planner.hf_configs import QWEN3_235B_A22B
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_235B_A22B))
+    assert main(["--config", "configs/qwen3_235b_a22b_grpo.yaml", f"--model.path={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# dry-run plan" in out and "host memory per node for offloaded state" in out

@@ -28,7 +28,9 @@ _REBUILD_DEVICE_ARG = 6
 
 
 def _require_cuda(what: str) -> None:
-    if not torch.cuda.is_available():
+    from megarl.platform.device import accelerator_available
+
+    if not accelerator_available():
         raise RuntimeError(f"weight transport 'cuda_ipc' needs CUDA ({what}); on CPU use 'object_store'")
 
 

@@ -30,7 +30,9 @@ _WORKER_GROUPS: dict[int, object] = {}
 
 
 def _require_cuda(what: str) -> None:
-    if not torch.cuda.is_available():
+    from megarl.platform.device import accelerator_available
+
+    if not accelerator_available():
         raise RuntimeError(f"weight transport 'nccl' needs CUDA and NCCL ({what}); on CPU use 'object_store'")
 
 

@@ -56,6 +56,14 @@ class WeightPushOptions:
     transport_kwargs: dict = field(default_factory=dict)
     logprob_atol: float = 1e-4
 
+    @classmethod
+    def from_config(cls, weight_sync, transport: str) -> "WeightPushOptions":
+        """From megarl.config's WeightSyncConfig; `transport` is the device plan's decision (the
+        config's `auto` resolved). The nccl transport gets its rendezvous host and port."""
+        kwargs = {"host": weight_sync.nccl_host, "port": weight_sync.nccl_port} if transport == "nccl" else {}
+        return cls(transport=transport, bucket_mb=weight_sync.bucket_mb, verify=weight_sync.verify,
+                   transport_kwargs=kwargs)
+
     def __post_init__(self):
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"WeightPushOptions.verify must be {'|'.join(VERIFY_MODES)}, got {self.verify!r}")
