@@ -102,6 +102,7 @@ class RLDataset:
             raise DataFormatError(f"no prompts left in {config.files} (read {len(rows)}, dropped {dropped} as longer "
                                   f"than max_prompt_length={config.max_prompt_length})")
         self.num_filtered = dropped
+        self.num_read = len(rows)
         self._rows = kept_rows
         lengths = np.array([len(ids) for ids in kept_ids], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])

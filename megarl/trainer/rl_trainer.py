@@ -44,7 +44,10 @@ class RLTrainer:
         self.tokenizer = components.load_tokenizer(cfg)
         train_set = components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files)
         self.loader = components.train_loader(cfg, train_set)
+        self.data_metrics = {"data/train_prompts_dropped_overlong": train_set.num_filtered}
         self.val_set = (components.prompt_dataset(cfg, self.tokenizer, cfg.data.val_files) if cfg.data.val_files else None)
+        if self.val_set is not None:
+            self.data_metrics["data/val_prompts_dropped_overlong"] = self.val_set.num_filtered
         self.total_steps = cfg.trainer.total_steps or self.loader.total_batches
         self.mini_batches_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
         self.rewards = components.reward_manager(cfg)
@@ -86,6 +89,8 @@ class RLTrainer:
             self.workers.call_all("push_weights")
         while self.step < self.total_steps:
             metrics = self.train_step()
+            if not history:  # the start-up counts, once per run (and per resume)
+                metrics.update(self.data_metrics)
             self.step += 1
             if self._due(self.cfg.trainer.save_freq) or (self.step == self.total_steps and self.cfg.trainer.save_freq != 0):
                 started = time.perf_counter()
