@@ -78,6 +78,7 @@ def rollout_engines(cfg: MegaRLConfig, num_engines: int):
     )
     return EngineGroup(engine_config, EngineGroupOptions(
         num_engines=num_engines, placement="disaggregated" if cpu else r.placement,
+        on_engine_failure=r.on_engine_failure, max_restarts=r.max_engine_restarts,
         engine_cpus=0.5 if cpu else 1.0))
 
 

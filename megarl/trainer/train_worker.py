@@ -159,6 +159,14 @@ class MegatronTrainWorker:
         if self.rank == 0:
             self.pusher = WeightPusher(engines, WeightPushOptions(transport=transport, bucket_mb=bucket_mb, verify=verify))
 
+    def replace_rollout_engines(self, engines: dict) -> None:
+        """Rank 0: send to these actors from now on ({engine index: handle}, after a restart); the
+        transport reconnects to the new list on the next push."""
+        if self.rank == 0:
+            for index, handle in engines.items():
+                self.pusher.engines[int(index)] = handle
+            self.pusher.close()
+
     def push_weights(self) -> dict | None:
         if self.rank != 0:
             for _ in self.actor.export_hf_weights():  # collectives: every rank walks the export

@@ -92,12 +92,28 @@ class WeightPusher:
             self._transport.connect(self.engines)
         return self._transport
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_sender: bool = True) -> PushStats:
-        """Deliver every (hf_name, tensor) to all engines. Non-senders only drain the iterator."""
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_sender: bool = True,
+             version: int | None = None) -> PushStats:
+        """Deliver every (hf_name, tensor) to all engines. Non-senders only drain the iterator.
+        The engines' weights version becomes `version`, or (None) one more than the highest they had.
+        If the push fails, the sender still drains the iterator (the other ranks' exporters run
+        collectives with it) and every engine keeps its weights version."""
+        named_tensors = iter(named_tensors)
         if not is_sender:
             for _ in named_tensors:
                 pass
             return PushStats()
+        try:
+            return self._push(named_tensors, version)
+        except BaseException:
+            try:
+                for _ in named_tensors:
+                    pass
+            except Exception:  # noqa: BLE001 - the push's error is the one to report
+                pass
+            raise
+
+    def _push(self, named_tensors, version: int | None) -> PushStats:
         import ray
 
         opts = self.options
@@ -105,7 +121,7 @@ class WeightPusher:
         stats = PushStats()
         start = time.perf_counter()
         versions = self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
-        new_version = max(v or 0 for v in versions) + 1  # the same number on every engine
+        new_version = max(v or 0 for v in versions) + 1 if version is None else version  # the same on every engine
         want_digest = opts.verify in ("digest", "all")
         inflight: deque = deque()  # (bucket, refs) shipped but not yet confirmed by every engine
         try:
@@ -120,9 +136,9 @@ class WeightPusher:
                 self._confirm(*inflight.popleft(), stats, want_digest)
         except BaseException:
             # Leave the engines in a loadable state (vLLM puts the old kernel tensors back for layers
-            # that did not arrive); the caller sees the original error.
+            # that did not arrive) and at their old version; the caller sees the original error.
             try:
-                ray.get([e.finish_weight_update.remote() for e in self.engines], timeout=opts.timeout_s)
+                ray.get([e.finish_weight_update.remote(v) for e, v in zip(self.engines, versions)], timeout=opts.timeout_s)
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise

@@ -1,0 +1,133 @@
+"""A GRPO run (launch/train.py in its own process: Megatron ranks as Ray actors, a vLLM CPU engine)
+with rollout.on_engine_failure=restart survives SIGKILL of its engine's process during generate and
+during a weight push. The engine process is found by the title Ray gives a worker while it runs a
+task (`ray::VLLMEngine.<method>`), so each kill lands inside that call.
+
+What equals a run without kills: every step before the first kill (same seeds, same samples). After a
+restart the samples differ — a fresh engine restarts vLLM's sampling RNG from the seed — so those steps
+are checked on what the restart must guarantee: the restarted engine serves the trainer's current
+weights (trainer vs engine log-probs of the sampled tokens agree to fp32 precision, as without kills;
+an engine left with the checkpoint weights is off by orders of magnitude after the lr 2e-3 updates)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def task(tiny_moe_dir, tmp_path_factory):
+    from megarl.data.records import write_records
+    from megarl.data.synthetic import arith_records
+
+    root = tmp_path_factory.mktemp("restart_task")
+    write_records(arith_records(64, seed=0), str(root / "train.parquet"))
+    return tiny_moe_dir, str(root / "train.parquet")
+
+
+def _launch(task, out_dir, *extra):
+    model, train = task
+    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config", os.path.join(REPO, "configs", "tiny_moe_grpo_cpu.yaml"),
+           f"--model.path={model}", f"--data.train_files=[{train}]", "--data.val_files=[]",
+           f"--trainer.output_dir={out_dir}", "--trainer.total_steps=5", "--trainer.save_freq=0",
+           "--trainer.test_freq=-1", "--data.train_batch_size=4", "--actor.ppo_mini_batch_size=2",
+           "--rollout.max_new_tokens=16",
+           # one tensor per bucket: the push is many engine calls long, so a kill can land inside it
+           "--rollout.weight_sync.bucket_mb=0.001", *extra]
+    log = open(out_dir + ".log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _session_processes(sid: int) -> dict[int, str]:
+    """pid -> process title of every process in session `sid` (the launched run and all it started)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid:  # fields after "(comm)": state ppid pgrp session ...
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _steps_logged(out_dir) -> int:
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+class EngineKiller(threading.Thread):
+    """SIGKILLs the run's engine while it executes `method`, once `after_steps` steps are logged —
+    for each (after_steps, method) in `plan`, in order. Records what it killed."""
+
+    def __init__(self, proc, out_dir, plan):
+        super().__init__(daemon=True)
+        self.proc, self.out_dir, self.plan, self.killed, self.stop = proc, out_dir, list(plan), [], False
+
+    def run(self):
+        for after_steps, method in self.plan:
+            while not self.stop and self.proc.poll() is None:
+                if _steps_logged(self.out_dir) >= after_steps:
+                    victims = [pid for pid, title in _session_processes(self.proc.pid).items()
+                               if title.startswith(f"ray::VLLMEngine.{method}")]
+                    if victims:
+                        os.kill(victims[0], signal.SIGKILL)
+                        self.killed.append((method, _steps_logged(self.out_dir), victims[0]))
+                        break
+                time.sleep(0.002)
+
+
+def _wait(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {row["step"]: row for row in map(json.loads, f)}
+
+
+def test_grpo_survives_engine_kills_in_generate_and_in_push(task, tmp_path):
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert _wait(_launch(task, straight), 900) == 0, open(straight + ".log").read()[-4000:]
+
+    proc = _launch(task, killed, "--rollout.on_engine_failure=restart", "--rollout.max_engine_restarts=2")
+    killer = EngineKiller(proc, killed, [(1, "generate_tagged"), (3, "load_weight_bucket")])
+    killer.start()
+    code = _wait(proc, 1200)
+    killer.stop = True
+    log = open(killed + ".log").read()
+    assert code == 0, log[-4000:]
+    assert [(m, s) for m, s, _ in killer.killed] == [("generate_tagged", 1), ("load_weight_bucket", 3)], killer.killed
+    assert "rollout engine 0 died during generate" in log and "restart 1 of at most 2" in log
+    assert "rollout engine 0 died during a weight push" in log and "restart 2 of at most 2" in log
+
+    a, b = _metrics(straight), _metrics(killed)
+    assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5]
+    for key in ("reward/score/mean", "actor/pg_loss", "actor/grad_norm", "response_length/mean"):
+        assert b[1][key] == a[1][key], key  # before any kill: the same run
+    for step in a:  # the engine always serves the trainer's weights: the same tight bound with and without kills
+        assert a[step]["rollout/logprob_abs_diff_mean"] < 1e-5
+        assert b[step]["rollout/logprob_abs_diff_mean"] < 1e-5, (step, b[step]["rollout/logprob_abs_diff_mean"])
+        assert b[step]["weight_push/buckets"] == a[step]["weight_push/buckets"]
+
