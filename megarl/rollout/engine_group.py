@@ -243,10 +243,11 @@ class EngineGroup:
 
         return WeightPusher(self.engines, options or WeightPushOptions())
 
-    def push_weights(self, named_tensors, options=None):
+    def push_weights(self, named_tensors, options=None, version: int | None = None):
         """Push from this process (the sender). Returns PushStats. Clears the stale marks: every
-        engine, restarted or not, now holds the pushed weights."""
-        stats = self.pusher(options).push(named_tensors)
+        engine, restarted or not, now holds the pushed weights. `version`: the engines' weights
+        version afterwards (None: one more than before; a restore of earlier weights gives theirs)."""
+        stats = self.pusher(options).push(named_tensors, version=version)
         self._versions = [stats.weights_version] * len(self.engines)
         self._required_version = stats.weights_version
         self._stale.clear()
