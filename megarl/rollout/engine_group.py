@@ -44,14 +44,13 @@ FAILURE_POLICIES = ("fail", "restart")
 class EngineGroupOptions:
     """num_engines: data-parallel engines. placement: "disaggregated" | "colocated".
     on_engine_failure: "fail" (EngineDiedError) | "restart" (fresh actor, requests retried).
-    max_restarts: engine restarts allowed over the group's life (all engines together).
-    max_retries: retries of one generate call's failed requests."""
+    max_restarts: engine restarts allowed over the group's life (all engines together); each retry
+    of a dead engine's requests follows a restart, so it bounds the retries too."""
 
     num_engines: int = 1
     placement: str = "disaggregated"
     on_engine_failure: str = "fail"
     max_restarts: int = 3
-    max_retries: int = 1
     generate_timeout_s: float = 1800.0
     start_timeout_s: float = 900.0
     engine_cpus: float = 1.0  # CPUs reserved per engine bundle (fractions let small test machines pack engines)
@@ -173,12 +172,9 @@ class EngineGroup:
             return []
         results: list[list[SampleResult] | None] = [None] * len(requests)
         todo = list(range(len(requests)))
-        for attempt in range(self.options.max_retries + 1):
-            failed = self._generate_once(requests, sampling, todo, results, retries_left=self.options.max_retries - attempt)
-            if not failed:
-                return results  # type: ignore[return-value]
-            todo = failed
-        raise AssertionError("unreachable: _generate_once raises when no retries are left")
+        while todo:  # ends: every failed attempt used one of the max_restarts restarts, or raised
+            todo = self._generate_once(requests, sampling, todo, results)
+        return results  # type: ignore[return-value]
 
     def _usable_engines(self) -> list[int]:
         if self._stale:
@@ -203,7 +199,7 @@ class EngineGroup:
             self._versions[h.engine_index] = h.weights_version
         self._stale = {i for i in self._stale if self._versions[i] < self._required_version}
 
-    def _generate_once(self, requests, sampling, todo, results, retries_left: int) -> list[int]:
+    def _generate_once(self, requests, sampling, todo, results) -> list[int]:
         import ray
 
         usable = self._usable_engines()
@@ -230,9 +226,6 @@ class EngineGroup:
                     results[i] = res
             except ray.exceptions.RayActorError as e:
                 reason = f"died during generate ({len(indices)} requests): {e.__class__.__name__}"
-                if retries_left <= 0:
-                    raise EngineDiedError(f"rollout engine {engine} {reason}; no retries left "
-                                          f"(EngineGroupOptions.max_retries={self.options.max_retries})") from e
                 self.restart_engines([engine], reason)
                 failed.extend(indices)
         return failed
