@@ -120,7 +120,12 @@ class WeightPusher:
         transport = self._sender_transport()
         stats = PushStats()
         start = time.perf_counter()
-        versions = self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
+        begun = [e.begin_weight_update.remote() for e in self.engines]
+        try:
+            versions = self._wait(begun, "begin_weight_update")
+        except WeightPushError:
+            self._finish_begun(begun)
+            raise
         new_version = max(v or 0 for v in versions) + 1 if version is None else version  # the same on every engine
         want_digest = opts.verify in ("digest", "all")
         inflight: deque = deque()  # (bucket, refs) shipped but not yet confirmed by every engine
@@ -154,6 +159,17 @@ class WeightPusher:
             if len(set(stats.engine_checksums)) != 1:
                 raise WeightPushError(f"engines hold different weights after the push: {stats.engine_checksums}")
         return stats
+
+    def _finish_begun(self, begun: list) -> None:
+        """An engine failed to begin: close the update on those that did, at their old version."""
+        import ray
+
+        for engine, ref in zip(self.engines, begun):
+            try:
+                version = ray.get(ref, timeout=self.options.timeout_s)
+                ray.get(engine.finish_weight_update.remote(version), timeout=self.options.timeout_s)
+            except Exception:  # noqa: BLE001 - this engine is the failed one
+                pass
 
     def _confirm(self, bucket, refs: list, stats: PushStats, want_digest: bool) -> None:
         reports = self._wait(refs, f"load of bucket {stats.buckets}")
