@@ -147,13 +147,14 @@ class WeightPusher:
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise
+        if stats.tensors == 0:
+            self._wait([e.finish_weight_update.remote(v) for e, v in zip(self.engines, versions)], "finish_weight_update")
+            raise WeightPushError("the weight iterator yielded no tensors; nothing was pushed")
         finishing = time.perf_counter()
         finished = self._wait([e.finish_weight_update.remote(new_version) for e in self.engines], "finish_weight_update")
         stats.finish_seconds = time.perf_counter() - finishing
         stats.seconds = time.perf_counter() - start
         stats.weights_version = max(f["weights_version"] for f in finished)
-        if stats.tensors == 0:
-            raise WeightPushError("the weight iterator yielded no tensors; nothing was pushed")
         if opts.verify in ("checksum", "all"):
             stats.engine_checksums = self._wait([e.weights_checksum.remote() for e in self.engines], "weights_checksum")
             if len(set(stats.engine_checksums)) != 1:
