@@ -240,7 +240,9 @@ class EngineGroup:
         """Push from this process (the sender). Returns PushStats. Clears the stale marks: every
         engine, restarted or not, now holds the pushed weights. `version`: the engines' weights
         version afterwards (None: one more than before; a restore of earlier weights gives theirs)."""
-        stats = self.pusher(options).push(named_tensors, version=version)
+        pusher = self.pusher(options)
+        pusher.last_version = max(self._required_version, *self._versions)  # versions only grow
+        stats = pusher.push(named_tensors, version=version)
         self._versions = [stats.weights_version] * len(self.engines)
         self._required_version = stats.weights_version
         self._stale.clear()

@@ -85,6 +85,9 @@ class WeightPusher:
         self.engines = list(engines)
         self.options = options
         self._transport = None
+        # The highest version this pusher gave: versions only grow, even when every engine it sends
+        # to was restarted (a fresh engine reports 0) and the push is redone.
+        self.last_version = 0
 
     def _sender_transport(self):
         if self._transport is None:
@@ -126,7 +129,9 @@ class WeightPusher:
         except WeightPushError:
             self._finish_begun(begun)
             raise
-        new_version = max(v or 0 for v in versions) + 1 if version is None else version  # the same on every engine
+        if version is None:  # the same number on every engine
+            version = max([v or 0 for v in versions] + [self.last_version]) + 1
+        new_version = version
         want_digest = opts.verify in ("digest", "all")
         inflight: deque = deque()  # (bucket, refs) shipped but not yet confirmed by every engine
         try:
@@ -155,6 +160,7 @@ class WeightPusher:
         stats.finish_seconds = time.perf_counter() - finishing
         stats.seconds = time.perf_counter() - start
         stats.weights_version = max(f["weights_version"] for f in finished)
+        self.last_version = max(self.last_version, stats.weights_version)
         if opts.verify in ("checksum", "all"):
             stats.engine_checksums = self._wait([e.weights_checksum.remote() for e in self.engines], "weights_checksum")
             if len(set(stats.engine_checksums)) != 1:
