@@ -1,13 +1,12 @@
 """A GRPO run (launch/train.py in its own process: Megatron ranks as Ray actors, a vLLM CPU engine)
 with rollout.on_engine_failure=restart survives SIGKILL of its engine's process during generate and
-during a weight push. The engine process is found by the title Ray gives a worker while it runs a
-task (`ray::VLLMEngine.<method>`), so each kill lands inside that call.
+during a weight push, and every step equals a run without the kills. The engine process is found by
+the title Ray gives a worker while it runs a task (`ray::VLLMEngine.<method>`), so each kill lands
+inside that call.
 
-What equals a run without kills: every step before the first kill (same seeds, same samples). After a
-restart the samples differ — a fresh engine restarts vLLM's sampling RNG from the seed — so those steps
-are checked on what the restart must guarantee: the restarted engine serves the trainer's current
-weights (trainer vs engine log-probs of the sampled tokens agree to fp32 precision, as without kills;
-an engine left with the checkpoint weights is off by orders of magnitude after the lr 2e-3 updates)."""
+Why equal, not just close: the trainer seeds every request (run seed, step, prompt), so the retried
+requests sample on the fresh engine exactly what they would have on the old one, and the restarted
+engine holds the trainer's current weights (re-pushed before the retry; the interrupted push redone)."""
 
 import json
 import os
@@ -139,10 +138,9 @@ def test_grpo_survives_engine_kills_in_generate_and_in_push(task, tmp_path):
 
     a, b = _metrics(straight), _metrics(killed)
     assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5]
-    for key in ("reward/score/mean", "actor/pg_loss", "actor/grad_norm", "response_length/mean"):
-        assert b[1][key] == a[1][key], key  # before any kill: the same run
-    for step in a:  # the engine always serves the trainer's weights: the same tight bound with and without kills
-        assert a[step]["rollout/logprob_abs_diff_mean"] < 1e-5
-        assert b[step]["rollout/logprob_abs_diff_mean"] < 1e-5, (step, b[step]["rollout/logprob_abs_diff_mean"])
-        assert b[step]["weight_push/buckets"] == a[step]["weight_push/buckets"]
-
+    clock = ("timing_s/", "perf/", "weight_push/seconds", "weight_push/gb_per_s")  # wall-clock numbers
+    for step in a:
+        assert sorted(b[step]) == sorted(a[step])
+        differ = {k: (a[step][k], b[step][k]) for k in a[step] if not k.startswith(clock) and a[step][k] != b[step][k]}
+        assert not differ, (step, differ)
+        assert b[step]["rollout/logprob_abs_diff_mean"] < 1e-5  # trainer and engine hold the same weights
