@@ -21,8 +21,8 @@ Endpoints:
 Request bodies above `max_body_bytes` (JSON) / `max_weights_body_bytes` (raw safetensors) get 413.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' `Request` annotations at
+# runtime, and Request is imported inside create_app.
 import glob
 import hmac
 import os
