@@ -208,7 +208,9 @@ def create_app(group, model_name: str, tokenizer, push_options=None, *, api_toke
     push_options = push_options or WeightPushOptions(verify="checksum")
     stager = WeightStager(weight_dirs, model_weight_shapes(model_dir))
     # What to push back if a push fails halfway: a zero-argument callable giving the last weights
-    # that were pushed successfully (the checkpoint until the first update), and their version.
+    # that were pushed successfully (the checkpoint until the first update), and their version. A
+    # path update is re-read from its files (so it restores what they hold then); a raw-body update
+    # keeps its body in memory until the next successful update.
     restore = {"weights": (lambda: load_safetensors_source(model_dir)) if model_dir else None, "version": 0}
 
     @app.exception_handler(WeightsRejected)
