@@ -115,5 +115,15 @@ def load_rng_state(checkpoint_root: str, rank: int) -> bool:
     path = os.path.join(checkpoint_root, "rng", f"rank_{rank:05d}.pt")
     if not os.path.exists(path):
         return False  # resumed at another world size: RNG streams restart from the seed
-    set_rng_state(torch.load(path, weights_only=False))
+    with torch.serialization.safe_globals(_numpy_rng_globals()):
+        set_rng_state(torch.load(path, weights_only=True))
     return True
+
+
+def _numpy_rng_globals() -> list:
+    """What unpickling `np.random.get_state()` (a uint32 array) needs beyond torch's safe types."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]

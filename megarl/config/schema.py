@@ -108,6 +108,13 @@ class RolloutConfig:
     max_num_batched_tokens: Optional[int] = None
     """vLLM chunked-prefill token budget per engine step; None = vLLM's default."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    on_engine_failure: Literal["fail", "restart"] = "fail"
+    """A rollout engine that dies (crash, OOM kill, node loss) — fail: stop the run with
+    EngineDiedError; restart: start a fresh engine in its slot, push the current weights into it and
+    retry the interrupted requests (generate) or the interrupted weight push."""
+    max_engine_restarts: int = 3
+    """restart: engine restarts allowed over the whole run (all engines together); the next failure
+    stops the run. Only with on_engine_failure=restart."""
 
 
 @dataclass

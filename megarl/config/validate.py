@@ -92,6 +92,11 @@ def _rollout(cfg, errors, warnings):
     _positive(errors, "rollout.tensor_parallel_size", r.tensor_parallel_size)
     _positive(errors, "rollout.max_turns", r.max_turns)
     _positive(errors, "rollout.weight_sync.bucket_mb", r.weight_sync.bucket_mb)
+    if r.max_engine_restarts < 0:
+        errors.append(f"rollout.max_engine_restarts: must be >= 0, got {r.max_engine_restarts}")
+    elif r.on_engine_failure == "fail" and r.max_engine_restarts != type(r)().max_engine_restarts:
+        errors.append(f"rollout.max_engine_restarts: {r.max_engine_restarts} has no effect with "
+                      "rollout.on_engine_failure=fail; set on_engine_failure=restart or drop it")
     if r.temperature <= 0:
         errors.append(f"rollout.temperature: must be > 0 for sampling, got {r.temperature}")
     if not 0 < r.top_p <= 1:

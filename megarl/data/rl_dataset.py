@@ -116,6 +116,7 @@ class RLDataset:
                                   f"max_prompt_length={config.max_prompt_length})")
         self.num_filtered = dropped
         self.num_invalid = invalid.count
+        self.num_read = len(rows)
         self._rows = kept_rows
         lengths = np.array([len(ids) for ids in kept_ids], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])

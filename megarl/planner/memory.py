@@ -270,7 +270,14 @@ def _rollout_plan(cfg, m: ModelStats, worst: StagePlan, gpu_bytes: int, weight_b
     # KV heads are split over TP; with TP > kv heads each GPU keeps one (replicated) KV head.
     kv_heads_local = max(m.num_kv_heads // rtp, 1)
     kv_per_token = 2 * m.num_layers * kv_heads_local * m.head_dim * weight_bytes
-    budget = int(r.gpu_memory_utilization * gpu_bytes - weights - assume.rollout_overhead_gib * GIB)
+    if cfg.trainer.device == "cpu":
+        # vLLM's CPU backend sizes its KV cache by VLLM_CPU_KVCACHE_SPACE (the engine sets it from
+        # VLLMEngineConfig.cpu_kv_cache_gb), in host memory apart from the weights; no GPU share.
+        from megarl.rollout.vllm_engine import CPU_KV_CACHE_GIB
+
+        budget = int(CPU_KV_CACHE_GIB * GIB)
+    else:
+        budget = int(r.gpu_memory_utilization * gpu_bytes - weights - assume.rollout_overhead_gib * GIB)
     resident = 0
     if r.placement == "colocated":
         resident += 0 if actor.param_offload else worst.param_bytes

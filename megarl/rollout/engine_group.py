@@ -9,8 +9,11 @@ Requests are spread over the engines by estimated cost (prompt length + n * max_
 gets one batched call, results come back in request order. A dead engine (actor process gone) gives
 `EngineDiedError` at once; an engine that does not answer within `generate_timeout_s` gives
 `EngineTimeoutError`. With `on_engine_failure="restart"` the group starts a fresh actor in the same
-slot and retries the dead engine's requests — only on engines that hold the current weights (a
-restarted engine has the checkpoint's weights until the next push, so it is left out until then).
+slot (at most `max_restarts` times over the group's life) and retries the dead engine's requests. A
+restarted engine holds the checkpoint's weights: with a `weights_restorer` (the trainer sets one that
+re-pushes its current weights into the new actor) it serves again at once; without one it is left out
+until the next push reaches it. The rollout config's `on_engine_failure` / `max_engine_restarts` map
+onto these options.
 """
 
 from __future__ import annotations
@@ -34,15 +37,20 @@ class EngineTimeoutError(TimeoutError):
     """A rollout engine did not answer within the configured timeout."""
 
 
+FAILURE_POLICIES = ("fail", "restart")
+
+
 @dataclass(frozen=True)
 class EngineGroupOptions:
     """num_engines: data-parallel engines. placement: "disaggregated" | "colocated".
-    on_engine_failure: "raise" | "restart". max_retries: retries of a failed engine's requests."""
+    on_engine_failure: "fail" (EngineDiedError) | "restart" (fresh actor, requests retried).
+    max_restarts: engine restarts allowed over the group's life (all engines together); each retry
+    of a dead engine's requests follows a restart, so it bounds the retries too."""
 
     num_engines: int = 1
     placement: str = "disaggregated"
-    on_engine_failure: str = "raise"
-    max_retries: int = 1
+    on_engine_failure: str = "fail"
+    max_restarts: int = 3
     generate_timeout_s: float = 1800.0
     start_timeout_s: float = 900.0
     engine_cpus: float = 1.0  # CPUs reserved per engine bundle (fractions let small test machines pack engines)
@@ -52,11 +60,15 @@ class EngineGroupOptions:
     def from_config(cls, cfg, device, num_engines: int) -> "EngineGroupOptions":
         """From a MegaRLConfig and its DevicePlan: the plan decides the placement actually used (on
         CPU a colocated recipe runs disaggregated) and the CPUs per engine."""
-        return cls(num_engines=num_engines, placement=device.placement, engine_cpus=device.engine_cpus)
+        r = cfg.rollout
+        return cls(num_engines=num_engines, placement=device.placement, engine_cpus=device.engine_cpus,
+                   on_engine_failure=r.on_engine_failure, max_restarts=r.max_engine_restarts)
 
     def __post_init__(self):
-        if self.on_engine_failure not in ("raise", "restart"):
-            raise ValueError(f"on_engine_failure must be raise|restart, got {self.on_engine_failure!r}")
+        if self.on_engine_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_engine_failure must be fail|restart, got {self.on_engine_failure!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {self.num_engines}")
 
@@ -81,6 +93,10 @@ class EngineGroup:
         self._stale: set[int] = set()  # restarted engines that may have missed weight pushes
         self._versions = [0] * options.num_engines  # each engine's weights version, as last seen
         self._required_version = 0  # what a restarted engine must reach before it serves again
+        self.restarts = 0  # engine restarts so far (bounded by options.max_restarts)
+        # Called with the indices of freshly restarted engines; must load the current weights into
+        # them (the trainer re-pushes from its rank 0). None: they wait for the next push.
+        self.weights_restorer = None
         self._wait_started(range(options.num_engines))
 
     # ---------------------------------------------------------------- actors
@@ -108,6 +124,32 @@ class EngineGroup:
             raise EngineTimeoutError(f"engines {indices} did not start within {self.options.start_timeout_s:.0f} s") from e
         except ray.exceptions.RayActorError as e:
             raise EngineDiedError(f"an engine died while starting (model {self.config.model}): {e}") from e
+
+    def check_failure_policy(self, what: str) -> None:
+        """Raise EngineDiedError(what + why) unless the options allow one more restart."""
+        if self.options.on_engine_failure == "fail":
+            raise EngineDiedError(f"{what}; set rollout.on_engine_failure=restart (EngineGroupOptions"
+                                  "(on_engine_failure='restart')) to restart the engine and retry")
+        if self.restarts >= self.options.max_restarts:
+            raise EngineDiedError(f"{what}; the {self.restarts} engine restarts allowed "
+                                  f"(rollout.max_engine_restarts={self.options.max_restarts}) are used up")
+
+    def dead_engines(self, timeout_s: float = 30.0) -> list[int]:
+        return [h.engine_index for h in self.health(timeout_s) if not h.ok]
+
+    def restart_engines(self, indices: list[int], reason: str, restore_weights: bool = True) -> None:
+        """Restart dead engines under the failure policy and (restore_weights) bring them to the
+        current weights through `weights_restorer`, if set. Raises EngineDiedError when the policy
+        says fail. restore_weights=False: the caller pushes next (a push that an engine died in)."""
+        for index in indices:
+            self.check_failure_policy(f"rollout engine {index} {reason}")
+            log.warning("rollout engine %d %s; restarting it (restart %d of at most %d)", index, reason,
+                        self.restarts + 1, self.options.max_restarts)
+            self.restart_engine(index)
+            self.restarts += 1
+        if restore_weights and self.weights_restorer is not None and indices:
+            self.weights_restorer(list(indices))
+            self._refresh_stale()
 
     def restart_engine(self, index: int) -> None:
         """Replace engine `index` by a fresh actor in the same slot (kills the old one if alive)."""
@@ -138,12 +180,9 @@ class EngineGroup:
             return []
         results: list[list[SampleResult] | None] = [None] * len(requests)
         todo = list(range(len(requests)))
-        for attempt in range(self.options.max_retries + 1):
-            failed = self._generate_once(requests, sampling, todo, results, retries_left=self.options.max_retries - attempt)
-            if not failed:
-                return results  # type: ignore[return-value]
-            todo = failed
-        raise AssertionError("unreachable: _generate_once raises when no retries are left")
+        while todo:  # ends: every failed attempt used one of the max_restarts restarts, or raised
+            todo = self._generate_once(requests, sampling, todo, results)
+        return results  # type: ignore[return-value]
 
     def _usable_engines(self) -> list[int]:
         if self._stale:
@@ -161,12 +200,14 @@ class EngineGroup:
         seen before the restart (pushes may come from another process, so ask the engines)."""
         import ray
 
+        if not self._stale:
+            return
         health = ray.get([self.engines[i].health.remote() for i in sorted(self._stale)], timeout=60)
         for h in health:
             self._versions[h.engine_index] = h.weights_version
         self._stale = {i for i in self._stale if self._versions[i] < self._required_version}
 
-    def _generate_once(self, requests, sampling, todo, results, retries_left: int) -> list[int]:
+    def _generate_once(self, requests, sampling, todo, results) -> list[int]:
         import ray
 
         usable = self._usable_engines()
@@ -192,11 +233,8 @@ class EngineGroup:
                 for i, res in zip(indices, outputs, strict=True):
                     results[i] = res
             except ray.exceptions.RayActorError as e:
-                message = f"rollout engine {engine} died during generate ({len(indices)} requests): {e.__class__.__name__}"
-                if self.options.on_engine_failure == "raise" or retries_left <= 0:
-                    raise EngineDiedError(message + "; set on_engine_failure='restart' to restart and retry") from e
-                log.warning("%s; restarting it and retrying its requests", message)
-                self.restart_engine(engine)
+                reason = f"died during generate ({len(indices)} requests): {e.__class__.__name__}"
+                self.restart_engines([engine], reason)
                 failed.extend(indices)
         return failed
 
@@ -206,10 +244,13 @@ class EngineGroup:
 
         return WeightPusher(self.engines, options or WeightPushOptions())
 
-    def push_weights(self, named_tensors, options=None):
+    def push_weights(self, named_tensors, options=None, version: int | None = None):
         """Push from this process (the sender). Returns PushStats. Clears the stale marks: every
-        engine, restarted or not, now holds the pushed weights."""
-        stats = self.pusher(options).push(named_tensors)
+        engine, restarted or not, now holds the pushed weights. `version`: the engines' weights
+        version afterwards (None: one more than before; a restore of earlier weights gives theirs)."""
+        pusher = self.pusher(options)
+        pusher.last_version = max(self._required_version, *self._versions)  # versions only grow
+        stats = pusher.push(named_tensors, version=version)
         self._versions = [stats.weights_version] * len(self.engines)
         self._required_version = stats.weights_version
         self._stale.clear()

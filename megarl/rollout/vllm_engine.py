@@ -25,6 +25,7 @@ from megarl.rollout.worker_extension import WORKER_EXTENSION
 
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # megarl config dtype -> vLLM's
+CPU_KV_CACHE_GIB = 1.0  # VLLM_CPU_KVCACHE_SPACE of a CPU engine unless cpu_kv_cache_gb says otherwise
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class VLLMEngineConfig:
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
     enable_sleep_mode: bool = False
-    cpu_kv_cache_gb: float = 1.0
+    cpu_kv_cache_gb: float = CPU_KV_CACHE_GIB
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

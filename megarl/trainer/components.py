@@ -3,6 +3,8 @@ engines. One place maps config fields onto the components' own option types."""
 
 from __future__ import annotations
 
+import sys
+
 from megarl.config.schema import MegaRLConfig
 
 
@@ -15,12 +17,24 @@ def load_tokenizer(cfg: MegaRLConfig):
 def prompt_dataset(cfg: MegaRLConfig, tokenizer, files):
     from megarl.data import RLDataset, RLDatasetConfig
 
-    return RLDataset(RLDatasetConfig.from_config(cfg.data, files), tokenizer)
+    dataset = RLDataset(RLDatasetConfig.from_config(cfg.data, files), tokenizer)
+    if dataset.num_filtered:  # once, at start (the trainer also logs it as data/*_prompts_dropped_overlong)
+        print(f"warning: {', '.join(files)}: dropped {dataset.num_filtered} of {dataset.num_read} prompts longer than "
+              f"max_prompt_length={cfg.data.max_prompt_length} tokens (data.filter_overlong_prompts)", file=sys.stderr)
+    return dataset
 
 
 def train_loader(cfg: MegaRLConfig, dataset):
-    from megarl.data import PromptDataLoader
+    from megarl.data import DataFormatError, PromptDataLoader
 
+    if cfg.data.train_batch_size > len(dataset):
+        dropped = getattr(dataset, "num_filtered", 0)
+        raise DataFormatError(
+            f"data.train_batch_size={cfg.data.train_batch_size} is larger than the training set: "
+            f"{len(dataset)} prompts in {cfg.data.train_files}"
+            + (f" ({dropped} more dropped as longer than data.max_prompt_length={cfg.data.max_prompt_length})"
+               if dropped else "")
+            + "; lower data.train_batch_size or add prompts")
     return PromptDataLoader(dataset, cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                             drop_last=True, num_epochs=None if cfg.trainer.total_steps else cfg.trainer.total_epochs)
 

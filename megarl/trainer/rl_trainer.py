@@ -44,7 +44,10 @@ class RLTrainer:
         self.tokenizer = components.load_tokenizer(cfg)
         train_set = components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files)
         self.loader = components.train_loader(cfg, train_set)
+        self.data_metrics = {"data/train_prompts_dropped_overlong": train_set.num_filtered}
         self.val_set = (components.prompt_dataset(cfg, self.tokenizer, cfg.data.val_files) if cfg.data.val_files else None)
+        if self.val_set is not None:
+            self.data_metrics["data/val_prompts_dropped_overlong"] = self.val_set.num_filtered
         self.total_steps = cfg.trainer.total_steps or self.loader.total_batches
         self.mini_batches_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
         self.rewards = components.reward_manager(cfg)
@@ -68,6 +71,8 @@ class RLTrainer:
             num_cpus_per_rank=device.cpus_per_rank, num_gpus_per_rank=device.gpus_per_rank,
         )
         self.workers.call_all("attach_rollout", self.rollout.engines, components.weight_push_options(cfg, device))
+        self.weights_pushed = False  # until the first push the engines hold the trainer's start weights
+        self.rollout.weights_restorer = self._restore_engine_weights
         self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(cfg.trainer.logger),
                                     jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
         self.step = 0
@@ -79,9 +84,11 @@ class RLTrainer:
     def fit(self) -> list[dict]:
         history = []
         if self.resumed_from:  # the engines started from the HF folder: give them the checkpoint's weights
-            self.workers.call_all("push_weights")
+            self._push_weights()
         while self.step < self.total_steps:
             metrics = self.train_step()
+            if not history:  # the start-up counts, once per run (and per resume)
+                metrics.update(self.data_metrics)
             self.step += 1
             if self._due(self.cfg.trainer.save_freq) or (self.step == self.total_steps and self.cfg.trainer.save_freq != 0):
                 started = time.perf_counter()
@@ -123,13 +130,41 @@ class RLTrainer:
             with timer.phase("update"):
                 updates += self.workers.call_rank0("update", batch, mini_batches)
             with timer.phase("weight_push"):
-                push = self.workers.call_rank0("push_weights")
+                push = self._push_weights()
 
         metrics = {**reward_metrics, **adv_metrics, **push, **_mean_of(updates)}
         metrics.update(self._rollout_metrics(rollout, batch))
         metrics.update(timer.metrics())
         metrics["perf/tokens_per_s"] = batch.num_tokens / max(metrics["timing_s/step"], 1e-9)
         return metrics
+
+    # ---------------------------------------------------------------------------------- engines
+    def _push_weights(self) -> dict:
+        """The actor's weights into every engine. An engine that dies during the push is restarted
+        (rollout.on_engine_failure=restart, within max_engine_restarts) and the whole push is redone:
+        the surviving engines may hold a mix of old and new layers until then."""
+        while True:
+            try:
+                push = self.workers.call_rank0("push_weights")
+                self.weights_pushed = True
+                return push
+            except Exception as e:  # noqa: BLE001 - only a dead engine is handled here; the rest re-raises
+                dead = self.rollout.dead_engines()
+                if not dead:
+                    raise
+                try:
+                    self.rollout.restart_engines(dead, f"died during a weight push ({e.__class__.__name__})",
+                                                 restore_weights=False)
+                except Exception as died:
+                    raise died from e
+                self.workers.call_all("replace_rollout_engines", {i: self.rollout.engines[i] for i in dead})
+
+    def _restore_engine_weights(self, indices: list[int]) -> None:
+        """EngineGroup.weights_restorer: restarted engines get the actor's current weights (one full
+        push to every engine, which also re-forms a transport's group with the new actors)."""
+        self.workers.call_all("replace_rollout_engines", {i: self.rollout.engines[i] for i in indices})
+        if self.weights_pushed:
+            self._push_weights()
 
     # ---------------------------------------------------------------------------------- parts
     def _generate_and_score(self, timer):

@@ -192,6 +192,11 @@ class MegatronTrainWorker:
             return None
         return LogprobProbe(self.push_probe, [logprobs[b, : len(s)].tolist() for b, s in enumerate(self.push_probe)])
 
+    def replace_rollout_engines(self, engines: dict) -> None:
+        """Every rank: send to these actors from now on ({engine index: handle}, after a restart); the
+        senders' transports reconnect to the new list on the next push."""
+        self.pusher.replace_engines(engines)
+
     def push_weights(self) -> dict | None:
         """Push the actor's weights into the engines (every rank calls it); metrics on rank 0."""
         return self.pusher.push(self._logprob_probe())

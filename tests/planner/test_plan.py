@@ -177,3 +177,15 @@ def test_sft_plan_has_no_rollout_and_counts_its_own_sequence_length():
     text = format_plan(plan, cfg)
     assert "no rollout (sft): every GPU trains" in text and "KV budget" not in text
     assert not [w for w in plan.warnings if "rollout" in w]
+
+
+def test_cpu_recipe_plans_the_cpu_kv_cache_not_a_gpu_share(tiny_moe_dir):
+    """vLLM on CPU sizes its KV cache by VLLM_CPU_KVCACHE_SPACE (1 GiB), not gpu_memory_utilization:
+    the tiny CPU recipe must not be told its "0.0 GiB" of weights leave no KV cache."""
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_moe_grpo_cpu.yaml"), {"model.path": tiny_moe_dir},
+                      check_paths=False)
+    plan = plan_run(cfg)
+    r = plan.memory.rollout
+    assert r.kv_budget_bytes == GIB
+    assert r.kv_tokens == GIB // r.kv_bytes_per_token and r.kv_tokens > r.max_sequence_len
+    assert not [w for w in plan.warnings if "KV" in w], plan.warnings

@@ -84,8 +84,10 @@ def test_push_makes_engine_equal_to_pushed_weights_then_restores_checkpoint(roll
 
 @pytest.mark.vllm
 def test_push_of_nothing_is_an_error(rollout_group, hf_model):
+    version = rollout_group.health()[0].weights_version
     with pytest.raises(WeightPushError, match="no tensors"):
         rollout_group.push_weights(iter([]))
+    assert rollout_group.health()[0].weights_version == version  # a failed push is not a new version
     # The aborted push left the engine's weights as they were.
     samples = rollout_group.generate(REQUESTS[1:], SamplingOptions(n=2, max_tokens=8, seed=1))[0]
     assert max_logprob_error(hf_model, samples) < 1e-4
@@ -152,3 +154,25 @@ def test_logprobs_verification_passes_for_true_weights_and_catches_wrong_ones(ro
             rollout_group.pusher(WeightPushOptions()).push(iter(twice))
     finally:
         rollout_group.push_weights(iter(checkpoint.items()), WeightPushOptions(verify="checksum"))
+
+
+@pytest.mark.vllm
+def test_a_push_failing_halfway_keeps_the_version_and_drains_the_exporter(rollout_group, tiny_moe_dir, hf_model):
+    """The sender's exporter runs collectives with the other training ranks: it must be walked to the
+    end even when the push fails, or they hang. The engine keeps its version; a full push repairs it."""
+    version = rollout_group.health()[0].weights_version
+    weights = list(perturbed_state_dict(tiny_moe_dir, scale=0.5).items())
+    walked = []
+
+    def exporter():
+        for i, (name, tensor) in enumerate(weights):
+            walked.append(name)
+            yield (name, "not a tensor") if i == len(weights) // 2 else (name, tensor)
+
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        rollout_group.push_weights(exporter(), WeightPushOptions(bucket_mb=0.04))
+    assert len(walked) == len(weights)
+    assert rollout_group.health()[0].weights_version == version
+    rollout_group.push_weights(iter(checkpoint_state_dict(tiny_moe_dir).items()))
+    samples = rollout_group.generate(REQUESTS[1:], SamplingOptions(n=2, max_tokens=8, seed=1))[0]
+    assert max_logprob_error(hf_model, samples) < 1e-4

@@ -157,3 +157,28 @@ def test_a_dry_run_plans_the_offload_switches(tmp_path, capsys):
     assert main(["--config", "configs/qwen3_235b_a22b_grpo.yaml", f"--model.path={tmp_path}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# dry-run plan" in out and "host memory per node for offloaded state" in out
+
+
+def test_a_batch_larger_than_the_dataset_is_a_config_error_naming_both_numbers(tiny_moe_dir, tmp_path, capsys):
+    good = _write_dataset(str(tmp_path / "good.parquet"))  # 8 prompts; the recipe asks 16 per step
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{good}]") == 2
+    err = capsys.readouterr().err
+    assert "data.train_batch_size=16 is larger than the training set: 8 prompts" in err
+    assert "drop_last" not in err and "Traceback" not in err
+
+
+def test_dropped_overlong_prompts_are_counted_in_the_batch_error(tiny_moe_dir, tmp_path, capsys):
+    from megarl.data.records import write_records
+    from megarl.data.synthetic import arith_records
+
+    rows = arith_records(20, seed=0)
+    for row in rows[:14]:  # 14 of 20 prompts far over the limit, 6 left < 8 per step
+        row["prompt"][0]["content"] += " please" * 40
+    path = str(tmp_path / "long.parquet")
+    write_records(rows, path)
+    assert _run(tiny_moe_dir, tmp_path, f"--data.train_files=[{path}]", "--data.train_batch_size=8",
+                "--actor.ppo_mini_batch_size=8") == 2
+    err = capsys.readouterr().err
+    assert "dropped 14 of 20 prompts longer than max_prompt_length=64" in err  # the start-up warning
+    assert "data.train_batch_size=8 is larger than the training set: 6 prompts" in err
+    assert "(14 more dropped as longer than data.max_prompt_length=64)" in err

@@ -148,6 +148,10 @@ class WeightPusher:
         self.options = options
         self.sender_index = sender_index
         self._transport = None
+        # The highest version this pusher gave: versions only grow, even when every engine it sends
+        # to was restarted (a fresh engine reports 0) and the push is redone.
+        self.last_version = 0
+        self._old_versions: list[int] = []  # the engines' versions when the current push began
 
     def _sender_transport(self):
         if self._transport is None:
@@ -157,15 +161,22 @@ class WeightPusher:
         return self._transport
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, is_sender: bool = True,
-             probe: LogprobProbe | None = None) -> PushStats:
-        """Deliver every (hf_name, tensor) to all engines. Non-senders only drain the iterator."""
+             probe: LogprobProbe | None = None, version: int | None = None) -> PushStats:
+        """Deliver every (hf_name, tensor) to all engines. Non-senders only drain the iterator.
+        The engines' weights version becomes `version`, or (None) one more than the highest they or
+        this pusher had. If the push fails, the sender still drains the iterator (the other ranks'
+        exporters run collectives with it) and every engine keeps its weights version."""
+        named_tensors = iter(named_tensors)
         if not is_sender:
-            for _ in named_tensors:
-                pass
+            _drain(named_tensors)
             return PushStats()
-        self.check_probe(probe)
         start = time.perf_counter()
-        version = self.begin()
+        try:
+            self.check_probe(probe)
+            version = self.begin(version)
+        except BaseException:
+            _drain(named_tensors)
+            raise
         try:
             sent = self.send(named_tensors)
         except BaseException:
@@ -181,10 +192,17 @@ class WeightPusher:
             raise ValueError("WeightPushOptions.verify='logprobs' needs the trainer's LogprobProbe (log-probs of "
                              "probe_sequences(vocab_size)) passed to push()/finish()")
 
-    def begin(self) -> int:
-        """Put every engine in reload mode; returns the weights version the push will set."""
-        versions = self._wait([e.begin_weight_update.remote() for e in self.engines], "begin_weight_update")
-        return max(v or 0 for v in versions) + 1  # the same number on every engine
+    def begin(self, version: int | None = None) -> int:
+        """Put every engine in reload mode; returns the weights version the push will set (the same
+        number on every engine; versions only grow, even when every engine was restarted and reports 0)."""
+        begun = [e.begin_weight_update.remote() for e in self.engines]
+        try:
+            versions = self._wait(begun, "begin_weight_update")
+        except WeightPushError:
+            self._finish_begun(begun)
+            raise
+        self._old_versions = [v or 0 for v in versions]
+        return version if version is not None else max(self._old_versions + [self.last_version]) + 1
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> PushStats:
         """Ship this sender's tensors in buckets (engines must be in reload mode: `begin`).
@@ -208,20 +226,34 @@ class WeightPusher:
             while inflight:
                 self._confirm(*inflight.popleft(), stats, want_digest)
         except BaseException:
-            for _ in iterator:
-                pass
+            _drain(iterator)
             raise
         return stats
 
     def abort(self) -> None:
         """After a failed send: leave the engines loadable (vLLM puts the old kernel tensors back for
-        layers that did not arrive). The caller reports the original error."""
+        layers that did not arrive) and at their old weights version. The caller reports the original
+        error."""
         import ray
 
         try:
-            ray.get([e.finish_weight_update.remote() for e in self.engines], timeout=self.options.timeout_s)
+            ray.get(self._finish_at_old_versions(), timeout=self.options.timeout_s)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
+
+    def _finish_at_old_versions(self) -> list:
+        return [e.finish_weight_update.remote(v) for e, v in zip(self.engines, self._old_versions)]
+
+    def _finish_begun(self, begun: list) -> None:
+        """An engine failed to begin: close the update on those that did, at their old version."""
+        import ray
+
+        for engine, ref in zip(self.engines, begun):
+            try:
+                version = ray.get(ref, timeout=self.options.timeout_s)
+                ray.get(engine.finish_weight_update.remote(version), timeout=self.options.timeout_s)
+            except Exception:  # noqa: BLE001 - this engine is the failed one
+                pass
 
     def finish(self, version: int, sent: list[PushStats], *, probe: LogprobProbe | None = None) -> PushStats:
         """End the push on every engine and verify it: every engine received each sent tensor exactly
@@ -231,12 +263,14 @@ class WeightPusher:
         stats = PushStats(senders=len(sent))
         for part in sent:
             stats.add(part)
+        if stats.tensors == 0:
+            self._wait(self._finish_at_old_versions(), "finish_weight_update")
+            raise WeightPushError("the weight iterator yielded no tensors; nothing was pushed")
         finishing = time.perf_counter()
         finished = self._wait([e.finish_weight_update.remote(version) for e in self.engines], "finish_weight_update")
         stats.finish_seconds = time.perf_counter() - finishing
         stats.weights_version = max(f["weights_version"] for f in finished)
-        if stats.tensors == 0:
-            raise WeightPushError("the weight iterator yielded no tensors; nothing was pushed")
+        self.last_version = max(self.last_version, stats.weights_version)
         stats.engine_tensors_received = [f.get("received", stats.tensors) for f in finished]
         for index, report in enumerate(finished):
             if report.get("repeated"):
@@ -296,3 +330,12 @@ class WeightPusher:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+def _drain(iterator) -> None:
+    """Run an exporter to its end without shipping (its collectives must complete on every rank)."""
+    try:
+        for _ in iterator:
+            pass
+    except Exception:  # noqa: BLE001 - the push's own error is the one to report
+        pass

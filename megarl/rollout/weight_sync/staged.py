@@ -108,6 +108,14 @@ class MegatronWeightPush:
         metrics["weight_push/sender_collectives"] = max(r[3].collectives for r in reports)
         return metrics
 
+    def replace_engines(self, engines: dict) -> None:
+        """{engine index: new actor handle} after a restart; this rank's sender (if any) reconnects on
+        its next push."""
+        if self.pusher is not None:
+            for index, handle in engines.items():
+                self.pusher.engines[int(index)] = handle
+            self.pusher.close()
+
     def close(self) -> None:
         if self.pusher is not None:
             self.pusher.close()
