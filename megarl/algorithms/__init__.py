@@ -45,7 +45,7 @@ from megarl.algorithms.kl import (
 from megarl.algorithms.loss import PolicyLossOptions, compute_policy_loss, compute_value_loss
 from megarl.algorithms.policy_losses import POLICY_LOSSES, PolicyLossTerms, register_policy_loss
 from megarl.algorithms.preference import DPO_LOSSES, DPOOptions, compute_dpo_loss, compute_sft_loss, sequence_log_prob
-from megarl.algorithms.registry import Registry, UnknownNameError
+from megarl.utils.registry import Registry, UnknownNameError
 from megarl.algorithms.rollout_correction import (
     RolloutCorrectionOptions,
     apply_rollout_rejection,

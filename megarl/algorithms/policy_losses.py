@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from megarl.algorithms.registry import Registry
+from megarl.utils.registry import Registry
 
 if TYPE_CHECKING:
     from megarl.algorithms.loss import PolicyLossOptions
