@@ -13,35 +13,27 @@ The driver (this process) holds data, rewards and the loop; the Megatron ranks a
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 import torch
 
-from megarl.checkpoint.store import CRITIC_SUBDIR, CheckpointStore, read_trainer_state, resolve_resume
+from megarl.checkpoint.store import CRITIC_SUBDIR, read_trainer_state
 from megarl.config.resolve import train_gpus
 from megarl.config.schema import MegaRLConfig
 from megarl.trainer import components
-from megarl.trainer.metrics import MetricsLogger, PhaseTimer, summarize
+from megarl.trainer.metrics import PhaseTimer, summarize
 from megarl.trainer.rollout_batch import build_rollout_batch, mini_batch_indices
-from megarl.trainer.train_worker import MegatronTrainWorker, needs_reference, uses_critic
+from megarl.trainer.skeleton import TrainerSkeleton
+from megarl.trainer.train_worker import MegatronTrainWorker, Model, needs_reference, uses_critic
 
 
-class RLTrainer:
+class RLTrainer(TrainerSkeleton):
+    trainer_state_keys = ("loader",)
+
     def __init__(self, cfg: MegaRLConfig):
-        from megarl.trainer.worker_group import RayWorkerGroup, TorchrunWorkerGroup, launched_by_torchrun
-        from megarl.utils.ray_runtime import init_ray
-
-        self.cfg = cfg
-        self.out_dir = os.path.abspath(cfg.trainer.output_dir)
-        self.store = CheckpointStore(os.path.join(self.out_dir, "checkpoints"), keep_last=cfg.trainer.keep_last_k)
-        resume_from = resolve_resume(cfg.trainer.resume, self.store)  # a bad path fails before any actor starts
         self.use_critic = uses_critic(cfg)
-        if self.use_critic and resume_from:
-            _check_critic_state(resume_from)
-
-        self.tokenizer = components.load_tokenizer(cfg)
+        super().__init__(cfg)  # store, resume resolution (a bad path fails before any actor starts), tokenizer
         train_set = components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files)
         self.loader = components.train_loader(cfg, train_set)
         self.val_set = (components.prompt_dataset(cfg, self.tokenizer, cfg.data.val_files) if cfg.data.val_files else None)
@@ -57,33 +49,24 @@ class RLTrainer:
             k = cfg.algorithm.kl_ctrl
             self.kl_controller = KLRewardOptions(k.type, k.kl_coef, k.target_kl, k.horizon).make_controller()
 
-        init_ray()
+        from megarl.utils.ray_runtime import init_ray
+
+        init_ray()  # the rollout engines are Ray actors, under torchrun too
         cpu = not torch.cuda.is_available()
         self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1)
         total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
         critic_updates = self.total_steps * cfg.critic.ppo_epochs * (cfg.data.train_batch_size // cfg.critic.ppo_mini_batch_size)
-        # Training ranks: Ray actors placed by this driver, or (under torchrun) torchrun's own processes.
-        group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
-        self.workers = group_cls(
-            MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates, critic_updates),
-            num_cpus_per_rank=0.5 if cpu else 1, num_gpus_per_rank=0 if cpu else 1,
-        )
+        self.start(MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates, critic_updates))
         transport = cfg.rollout.weight_sync.transport
         if transport == "auto":
             transport = "object_store" if cpu or cfg.rollout.placement == "disaggregated" else "cuda_ipc"
-        self.workers.call_all("attach_rollout", self.rollout.engines, transport, cfg.rollout.weight_sync.bucket_mb)
-        self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(cfg.trainer.logger),
-                                    jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
-        self.step = 0
-        self.resumed_from = resume_from
-        if resume_from:
-            self._load(resume_from)
+        self.workers.all.attach_rollout(self.rollout.engines, transport, cfg.rollout.weight_sync.bucket_mb)
 
     # ---------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         history = []
         if self.resumed_from:  # the engines started from the HF folder: give them the checkpoint's weights
-            self.workers.call_all("push_weights")
+            self.workers.all.push_weights()
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.step += 1
@@ -108,25 +91,25 @@ class RLTrainer:
         mini_batches = mini_batch_indices(len(rollout), cfg.actor.ppo_mini_batch_size * cfg.rollout.n)
 
         with timer.phase("old_logprob"):
-            batch = batch.with_fields(old_logprobs=self.workers.call_rank0("compute_logprobs", batch, "actor", mini_batches))
+            batch = batch.with_fields(old_logprobs=self.workers.rank0.compute_logprobs(batch, Model.ACTOR, mini_batches))
         if needs_reference(cfg):
             with timer.phase("ref_logprob"):
-                batch = batch.with_fields(ref_logprobs=self.workers.call_rank0("compute_logprobs", batch, "ref"))
+                batch = batch.with_fields(ref_logprobs=self.workers.rank0.compute_logprobs(batch, Model.REF))
         critic_mini_batches = mini_batch_indices(len(rollout), cfg.critic.ppo_mini_batch_size * cfg.rollout.n)
         if self.use_critic:
             with timer.phase("values"):
-                batch = batch.with_fields(values=self.workers.call_rank0("compute_values", batch, critic_mini_batches))
+                batch = batch.with_fields(values=self.workers.rank0.compute_values(batch, critic_mini_batches))
         with timer.phase("advantage"):
             batch, adv_metrics = self._advantages(batch, rollout.uids)
         updates, push = [], {}
         if self.use_critic:
             with timer.phase("update_critic"):
-                updates += self.workers.call_rank0("update_critic", batch, critic_mini_batches)
+                updates += self.workers.rank0.update_critic(batch, critic_mini_batches)
         if self.step >= cfg.trainer.critic_warmup:  # (0 without a critic)
             with timer.phase("update"):
-                updates += self.workers.call_rank0("update", batch, mini_batches)
+                updates += self.workers.rank0.update(batch, mini_batches)
             with timer.phase("weight_push"):
-                push = self.workers.call_rank0("push_weights")
+                push = self.workers.rank0.push_weights()
 
         metrics = {**reward_metrics, **adv_metrics, **push, **_mean_of(updates)}
         metrics.update(self._rollout_metrics(rollout, batch))
@@ -249,34 +232,26 @@ class RLTrainer:
                 "val/pass@1": sum(s >= 1.0 for s in reward.scores) / len(reward.scores)}
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def save(self) -> str:
-        pending = self.store.begin(self.step)
-        self.workers.call_all("save_checkpoint", pending.path)
-        state = {"loader": self.loader.state_dict(), "config": dataclasses.asdict(self.cfg)}
+    # save / load / the resume rule: TrainerSkeleton. (A model-only checkpoint starts at step 0.)
+    def _check_resume_state(self, path: str) -> None:
+        if self.use_critic:
+            _check_critic_state(path)
+        super()._check_resume_state(path)
+
+    def trainer_state(self) -> dict:
+        state = {"loader": self.loader.state_dict()}
         if self.kl_controller is not None:
             state["kl_coef"] = self.kl_controller.value
-        return self.store.commit(pending, state)
+        return state
 
-    def _load(self, path: str) -> None:
-        """A training checkpoint continues exactly; a model-only one (e.g. `megarl-convert hf-to-mcore`)
-        starts a fresh optimizer and data stream from its weights."""
-        state = read_trainer_state(path)
-        model_only = bool(state.get("model_only"))
-        self.workers.call_all("load_checkpoint", path, not model_only)
-        if "loader" in state:
-            self.loader.load_state_dict(state["loader"])
+    def load_trainer_state(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
         if self.kl_controller is not None and "kl_coef" in state:
             self.kl_controller.value = state["kl_coef"]
-        self.step = int(state["step"])
-        print(f"resumed from {path} at step {self.step}", flush=True)
-
-    def _due(self, freq: int) -> bool:
-        return freq > 0 and self.step % freq == 0
 
     def close(self) -> None:
-        self.logger.close()
         self.rewards.close()
-        self.workers.shutdown()
+        super().close()
         self.rollout.shutdown()
 
 
