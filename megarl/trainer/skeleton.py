@@ -13,7 +13,8 @@ Resume rule, the same for every trainer. A training checkpoint continues exactly
 optimizer, LR schedule, RNG, data position (and the loop's own state) and its step. A model-only
 checkpoint (`trainer_state.json` has `"model_only": true`, e.g. written by `megarl-convert
 hf-to-mcore`) is weights only: a fresh optimizer and LR schedule, a fresh data stream and step 0,
-whatever else its trainer state holds — it starts a run, it does not continue one.
+whatever else its trainer state holds — it starts a run, it does not continue one. (Keeping its
+step would put the loop at step N while the fresh LR schedule and optimizer stand at 0.)
 
 A subclass builds its own parts between `super().__init__(cfg)` and `self.start(...)` (datasets and
 rewards first, so bad input fails before any rank starts), and says what its checkpoint state is
