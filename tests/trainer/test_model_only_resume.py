@@ -13,7 +13,7 @@ import pytest
 
 from megarl.data.records import write_records
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]  # real ranks: 1-3 min each
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKPOINT_STEP = 3
@@ -134,7 +134,6 @@ def test_dpo_model_only_resume_starts_at_step_0_with_the_checkpoint_weights(tiny
         trainer.close()
 
 
-@pytest.mark.slow
 @pytest.mark.vllm
 def test_rl_model_only_resume_starts_at_step_0_with_the_checkpoint_weights(tiny_moe_dir, model_only, tmp_path):
     from megarl.config import load_config
