@@ -62,7 +62,7 @@ from megarl.algorithms.policy_losses import (
 from megarl.algorithms import covariance_losses, reinforce_losses, trust_region_losses  # noqa: E402,F401
 from megarl.algorithms import group_advantages, token_baseline  # noqa: E402,F401
 from megarl.algorithms.preference import DPO_LOSSES, DPOOptions, compute_dpo_loss, compute_sft_loss, sequence_log_prob
-from megarl.algorithms.registry import Registry, UnknownNameError
+from megarl.utils.registry import Registry, UnknownNameError
 from megarl.algorithms.rollout_correction import (
     RolloutCorrectionOptions,
     apply_rollout_rejection,

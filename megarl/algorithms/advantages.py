@@ -30,7 +30,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from megarl.algorithms.aggregation import masked_whiten
-from megarl.algorithms.registry import Registry
+from megarl.utils.registry import Registry
 
 AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from megarl.algorithms.registry import Registry
+from megarl.utils.registry import Registry
 
 AggregateFn = Callable[[torch.Tensor, torch.Tensor, "LossNormalisers"], torch.Tensor]
 LOSS_AGG_MODES: Registry[AggregateFn] = Registry("loss_agg_mode")

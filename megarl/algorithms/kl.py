@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from megarl.algorithms.aggregation import masked_mean
-from megarl.algorithms.registry import Registry
+from megarl.utils.registry import Registry
 
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl estimator")

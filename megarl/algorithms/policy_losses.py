@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from megarl.algorithms.registry import Registry
+from megarl.utils.registry import Registry
 
 if TYPE_CHECKING:
     from megarl.algorithms.loss import PolicyLossOptions

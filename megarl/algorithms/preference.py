@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megarl.algorithms.aggregation import LossNormalisers, aggregate_loss, token_share
-from megarl.algorithms.registry import Registry
+from megarl.utils.registry import Registry
 
 
 def sequence_log_prob(log_prob: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

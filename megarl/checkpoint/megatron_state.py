@@ -67,10 +67,10 @@ def load_megatron_state(engine, checkpoint_dir: str, load_optimizer: bool = True
     """Collective: load model (and optimizer + LR schedule) state into an engine of any layout."""
     from megatron.core import dist_checkpointing
 
-    state = _full_sharded_state(engine, is_loading=True)
-    if not load_optimizer:
-        state.pop("optimizer", None)
-        state.pop("lr_scheduler", None)
+    # Weights only: the optimizer is not asked for its sharded state at all. Asking (is_loading=True)
+    # initialises its states for the load (Adam's step counter included), so a model-only resume
+    # would take its first update with other bias corrections than a fresh run.
+    state = _full_sharded_state(engine, is_loading=True) if load_optimizer else _model_sharded_state(engine.handle)
     loaded = dist_checkpointing.load(state, checkpoint_dir)
     chunks = engine.handle.unwrapped_chunks()
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

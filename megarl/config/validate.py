@@ -23,7 +23,7 @@ REGISTRY_CHECKS: list[tuple[str, str, str]] = [
     ("algorithm.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
     ("algorithm.kl_loss_type", "megarl.algorithms", "KL_ESTIMATORS"),
     ("rollout.weight_sync.transport", "megarl.rollout.weight_sync.base", "registered_transports"),
-    ("rollout.multi_turn_scheduler", "megarl.rollout.multi_turn", "_SCHEDULERS"),
+    ("rollout.multi_turn_scheduler", "megarl.rollout.multi_turn", "SCHEDULERS"),
     ("critic.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
     ("sft.loss_agg_mode", "megarl.algorithms", "LOSS_AGG_MODES"),
     ("dpo.loss_type", "megarl.algorithms", "DPO_LOSSES"),

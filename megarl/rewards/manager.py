@@ -18,13 +18,13 @@ import inspect
 import logging
 import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from megarl.rewards.config import RewardConfig, RewardTermConfig
 from megarl.rewards.pool import CallOutcome, RewardCall, RewardRef, RewardWorkerPool, describe_exception
 from megarl.rewards.registry import RewardEntry, is_custom_spec, resolve_reward
+from megarl.utils.user_code import absolute_spec
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,8 @@ class RewardManager:
 
     @staticmethod
     def _resolve_term(term: RewardTermConfig) -> _Term:
-        spec = term.name
-        if is_custom_spec(spec):
-            target, _, fn_name = spec.rpartition(":")
-            if target.endswith(".py") or os.sep in target:  # workers may run elsewhere: absolute path
-                spec = f"{os.path.abspath(os.path.expanduser(target))}:{fn_name}"
+        # workers may run in another directory: a file path is made absolute
+        spec = absolute_spec(term.name) if is_custom_spec(term.name) else term.name
         entry = resolve_reward(spec, batched=term.batched)
         _check_signature(term, entry)
         module = None if is_custom_spec(spec) else entry.fn.__module__

@@ -16,13 +16,11 @@ A reward is named in configs either by its registered name ("math", "gsm8k", ...
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable
+
+from megarl.utils.registry import Registry
+from megarl.utils.user_code import UserCodeError, is_user_code_spec, load_user_object
 
 
 @dataclass(frozen=True)
@@ -37,38 +35,32 @@ class RewardEntry:
     in_process: bool = False
 
 
-_REWARDS: dict[str, RewardEntry] = {}
+# The built-in rewards register when megarl.rewards.builtin is imported, at the first lookup.
+REWARDS: Registry[RewardEntry] = Registry(
+    "reward", builtins="megarl.rewards.builtin", origin=lambda entry: entry.fn,
+    hint="(or give a custom one as path/to/file.py:function or package.module:function)")
 
 
 def register_reward(name: str, *, batched: bool = False, in_process: bool = False):
     """Decorator: ``@register_reward("my_reward")`` makes a compute_score function usable by name."""
 
     def decorator(fn: Callable) -> Callable:
-        existing = _REWARDS.get(name)
-        if existing is not None and existing.fn is not fn and _qualname(existing.fn) != _qualname(fn):
-            raise ValueError(f"reward {name!r} is already registered by {_qualname(existing.fn)}")
-        _REWARDS[name] = RewardEntry(name=name, fn=fn, batched=batched, in_process=in_process)
+        REWARDS.add(name, RewardEntry(name=name, fn=fn, batched=batched, in_process=in_process))
         return fn
 
     return decorator
 
 
 def registered_rewards() -> list[str]:
-    _ensure_builtins()
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 def get_reward(name: str) -> RewardEntry:
-    """The registered reward ``name``; unknown names raise KeyError listing what is registered."""
-    _ensure_builtins()
-    if name not in _REWARDS:
-        raise KeyError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(_REWARDS))} "
-                       "(or give a custom one as path/to/file.py:function or package.module:function)")
-    return _REWARDS[name]
+    """The registered reward ``name``; unknown names raise UnknownNameError (a KeyError) listing them."""
+    return REWARDS.get(name)
 
 
-def is_custom_spec(spec: str) -> bool:
-    return ":" in spec
+is_custom_spec = is_user_code_spec
 
 
 def resolve_reward(spec: str, *, batched: bool = False) -> RewardEntry:
@@ -84,46 +76,7 @@ def resolve_reward(spec: str, *, batched: bool = False) -> RewardEntry:
 
 def load_function(spec: str) -> Callable:
     """Load ``path/to/file.py:function`` or ``package.module:function``."""
-    target, _, fn_name = spec.rpartition(":")
-    if not target or not fn_name:
-        raise ValueError(f"custom reward {spec!r} must look like path/to/file.py:function or module:function")
-    if target.endswith(".py") or os.sep in target:
-        module = _load_file_module(target)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ValueError(f"custom reward {spec!r}: cannot import module {target!r}: {exc}") from exc
-    fn = getattr(module, fn_name, None)
+    fn = load_user_object(spec, what="custom reward")
     if not callable(fn):
-        raise ValueError(f"custom reward {spec!r}: {target!r} has no function {fn_name!r}")
+        raise UserCodeError(f"custom reward {spec!r} is a {type(fn).__name__}, not a function")
     return fn
-
-
-def _load_file_module(path: str):
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(path):
-        raise ValueError(f"custom reward file {path!r} does not exist")
-    # One module name per file path (stable across processes, unlike hash()), loaded once per process.
-    module_name = "megarl_custom_reward_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
-def _qualname(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
-def _ensure_builtins() -> None:
-    # Importing the built-in reward modules registers them; done lazily so the registry module
-    # itself stays import-light (workers import it first).
-    import megarl.rewards.builtin  # noqa: F401

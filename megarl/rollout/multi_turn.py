@@ -22,44 +22,27 @@ Schedulers are registered by name (`@register_scheduler("name")`) or loaded from
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megarl.rollout.types import Message, RolloutRequest, SampleResult, SamplingOptions
+from megarl.utils.registry import Registry
+from megarl.utils.user_code import is_user_code_spec, load_user_object
 
-_SCHEDULERS: dict[str, type["MultiTurnScheduler"]] = {}
+SCHEDULERS = Registry("multi-turn scheduler", hint="(or give path/to/file.py:Class or package.module:Class)")
 
 
 def register_scheduler(name: str):
-    def wrap(cls):
-        if name in _SCHEDULERS:
-            raise ValueError(f"multi-turn scheduler {name!r} is already registered")
-        _SCHEDULERS[name] = cls
-        return cls
-
-    return wrap
+    """Decorator: `@register_scheduler("name")` on a MultiTurnScheduler subclass."""
+    return SCHEDULERS.register(name)
 
 
 def load_scheduler(spec: str) -> type["MultiTurnScheduler"]:
     """A registered name, "file.py:Class" or "module:Class"."""
-    if spec in _SCHEDULERS:
-        return _SCHEDULERS[spec]
-    if ":" not in spec:
-        raise KeyError(f"unknown multi-turn scheduler {spec!r}; registered: {sorted(_SCHEDULERS)} (or give path.py:Class)")
-    where, _, attr = spec.rpartition(":")
-    if where.endswith(".py"):
-        if not os.path.isfile(where):
-            raise FileNotFoundError(f"scheduler file not found: {where}")
-        module_spec = importlib.util.spec_from_file_location(f"megarl_user_scheduler_{abs(hash(where))}", where)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    cls = getattr(module, attr, None)
+    if not is_user_code_spec(spec):
+        return SCHEDULERS.get(spec)
+    cls = load_user_object(spec, what="multi-turn scheduler")
     if not (isinstance(cls, type) and issubclass(cls, MultiTurnScheduler)):
         raise TypeError(f"{spec!r} is not a MultiTurnScheduler subclass")
     return cls

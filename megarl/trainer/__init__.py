@@ -1,6 +1,7 @@
 """The training loops. `run(config)` is what `launch/train.py` calls; `trainer.type` picks the loop:
 rl (GRPO / PPO with rollouts, `rl_trainer.RLTrainer`), sft (`sft_trainer.SFTTrainer`) or dpo
-(`dpo_trainer.DPOTrainer`).
+(`dpo_trainer.DPOTrainer`). All three stand on `skeleton.TrainerSkeleton` (checkpoint store, the
+resume rule, worker group, metrics logger, save / load, close).
 
 Two ways to start the same loop:
 - `python launch/train.py ...` (a Ray driver): the training ranks are Ray actors the driver places,

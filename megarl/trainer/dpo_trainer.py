@@ -14,9 +14,6 @@ from megarl.trainer.supervised_loop import SupervisedTrainer
 
 
 class DPOTrainer(SupervisedTrainer):
-    worker_step = "dpo_step"
-    worker_eval = "dpo_eval"
-
     def build_dataset(self, files):
         from megarl.data import DPODataset, DPODatasetConfig
 
@@ -24,6 +21,12 @@ class DPOTrainer(SupervisedTrainer):
 
     def make_batch(self, samples):
         return preference_batch(samples)
+
+    def worker_step(self, batch) -> dict:
+        return self.workers.rank0.dpo_step(batch)
+
+    def worker_eval(self, batch) -> dict:
+        return self.workers.rank0.dpo_eval(batch)
 
     def summarize_validation(self, result: dict) -> dict:
         return {f"val/{k}": v for k, v in result.items()}

@@ -13,35 +13,27 @@ The driver (this process) holds data, rewards and the loop; the Megatron ranks a
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 import torch
 
-from megarl.checkpoint.store import CRITIC_SUBDIR, CheckpointStore, read_trainer_state, resolve_resume
+from megarl.checkpoint.store import CRITIC_SUBDIR, read_trainer_state
 from megarl.config.resolve import train_gpus
 from megarl.config.schema import MegaRLConfig
 from megarl.trainer import components
-from megarl.trainer.metrics import MetricsLogger, PhaseTimer, summarize
+from megarl.trainer.metrics import PhaseTimer, summarize
 from megarl.trainer.rollout_batch import build_rollout_batch, mini_batch_indices
-from megarl.trainer.train_worker import MegatronTrainWorker, needs_reference, uses_critic
+from megarl.trainer.skeleton import TrainerSkeleton
+from megarl.trainer.train_worker import MegatronTrainWorker, Model, needs_reference, uses_critic
 
 
-class RLTrainer:
+class RLTrainer(TrainerSkeleton):
+    trainer_state_keys = ("loader",)
+
     def __init__(self, cfg: MegaRLConfig):
-        from megarl.trainer.worker_group import RayWorkerGroup, TorchrunWorkerGroup, launched_by_torchrun
-        from megarl.utils.ray_runtime import init_ray
-
-        self.cfg = cfg
-        self.out_dir = os.path.abspath(cfg.trainer.output_dir)
-        self.store = CheckpointStore(os.path.join(self.out_dir, "checkpoints"), keep_last=cfg.trainer.keep_last_k)
-        resume_from = resolve_resume(cfg.trainer.resume, self.store)  # a bad path fails before any actor starts
         self.use_critic = uses_critic(cfg)
-        if self.use_critic and resume_from:
-            _check_critic_state(resume_from)
-
-        self.tokenizer = components.load_tokenizer(cfg)
+        super().__init__(cfg)  # store, resume resolution (a bad path fails before any actor starts), tokenizer
         train_set = components.prompt_dataset(cfg, self.tokenizer, cfg.data.train_files)
         self.loader = components.train_loader(cfg, train_set)
         self.data_metrics = {"data/train_prompts_dropped_overlong": train_set.num_filtered}
@@ -59,26 +51,16 @@ class RLTrainer:
 
             self.kl_controller = KLRewardOptions.from_config(cfg.algorithm.kl_ctrl).make_controller()
 
-        device = components.device_plan(cfg)  # before Ray starts: its actors inherit the decision
-        init_ray()
-        self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1, device=device)
+        from megarl.utils.ray_runtime import init_ray
+
+        init_ray()  # the rollout engines are Ray actors, under torchrun too
+        self.rollout = components.rollout_engines(cfg, num_engines=cfg.rollout.num_engines or 1, device=self.device)
         total_updates = self.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
         critic_updates = self.total_steps * cfg.critic.ppo_epochs * (cfg.data.train_batch_size // cfg.critic.ppo_mini_batch_size)
-        # Training ranks: Ray actors placed by this driver, or (under torchrun) torchrun's own processes.
-        group_cls = TorchrunWorkerGroup if launched_by_torchrun() else RayWorkerGroup
-        self.workers = group_cls(
-            MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates, critic_updates),
-            num_cpus_per_rank=device.cpus_per_rank, num_gpus_per_rank=device.gpus_per_rank,
-        )
-        self.workers.call_all("attach_rollout", self.rollout.engines, components.weight_push_options(cfg, device))
+        self.start(MegatronTrainWorker, train_gpus(cfg), args=(cfg, total_updates, critic_updates))
+        self.workers.all.attach_rollout(self.rollout.engines, components.weight_push_options(cfg, self.device))
         self.weights_pushed = False  # until the first push the engines hold the trainer's start weights
         self.rollout.weights_restorer = self._restore_engine_weights
-        self.logger = MetricsLogger(os.path.join(self.out_dir, "tensorboard"), tuple(cfg.trainer.logger),
-                                    jsonl_path=os.path.join(self.out_dir, "metrics.jsonl"))
-        self.step = 0
-        self.resumed_from = resume_from
-        if resume_from:
-            self._load(resume_from)
 
     # ---------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
@@ -111,24 +93,24 @@ class RLTrainer:
         mini_batches = mini_batch_indices(len(rollout), cfg.actor.ppo_mini_batch_size * cfg.rollout.n)
 
         with timer.phase("old_logprob"):
-            batch = batch.with_fields(old_logprobs=self.workers.call_rank0("compute_logprobs", batch, "actor", mini_batches))
+            batch = batch.with_fields(old_logprobs=self.workers.rank0.compute_logprobs(batch, Model.ACTOR, mini_batches))
         if needs_reference(cfg):
             with timer.phase("ref_logprob"):
-                batch = batch.with_fields(ref_logprobs=self.workers.call_rank0("compute_logprobs", batch, "ref"))
+                batch = batch.with_fields(ref_logprobs=self.workers.rank0.compute_logprobs(batch, Model.REF))
         critic_mini_batches = mini_batch_indices(len(rollout), cfg.critic.ppo_mini_batch_size * cfg.rollout.n)
         if self.use_critic:
             with timer.phase("values"):
-                batch = batch.with_fields(values=self.workers.call_rank0("compute_values", batch, critic_mini_batches))
+                batch = batch.with_fields(values=self.workers.rank0.compute_values(batch, critic_mini_batches))
         estimator_inputs = self._estimator_inputs(prompts, batch, timer)
         with timer.phase("advantage"):
             batch, adv_metrics = self._advantages(batch, rollout.uids, estimator_inputs)
         updates, push = [], {}
         if self.use_critic:
             with timer.phase("update_critic"):
-                updates += self.workers.call_rank0("update_critic", batch, critic_mini_batches)
+                updates += self.workers.rank0.update_critic(batch, critic_mini_batches)
         if self.step >= cfg.trainer.critic_warmup:  # (0 without a critic)
             with timer.phase("update"):
-                updates += self.workers.call_rank0("update", batch, mini_batches)
+                updates += self.workers.rank0.update(batch, mini_batches)
             with timer.phase("weight_push"):
                 push = self._push_weights()
 
@@ -145,7 +127,7 @@ class RLTrainer:
         the surviving engines may hold a mix of old and new layers until then."""
         while True:
             try:
-                push = self.workers.call_rank0("push_weights")
+                push = self.workers.rank0.push_weights()
                 self.weights_pushed = True
                 return push
             except Exception as e:  # noqa: BLE001 - only a dead engine is handled here; the rest re-raises
@@ -157,12 +139,12 @@ class RLTrainer:
                                                  restore_weights=False)
                 except Exception as died:
                     raise died from e
-                self.workers.call_all("replace_rollout_engines", {i: self.rollout.engines[i] for i in dead})
+                self.workers.all.replace_rollout_engines({i: self.rollout.engines[i] for i in dead})
 
     def _restore_engine_weights(self, indices: list[int]) -> None:
         """EngineGroup.weights_restorer: restarted engines get the actor's current weights (one full
         push to every engine, which also re-forms a transport's group with the new actors)."""
-        self.workers.call_all("replace_rollout_engines", {i: self.rollout.engines[i] for i in indices})
+        self.workers.all.replace_rollout_engines({i: self.rollout.engines[i] for i in indices})
         if self.weights_pushed:
             self._push_weights()
 
@@ -241,7 +223,7 @@ class RLTrainer:
             return {"reward_baselines": torch.tensor(scores, dtype=torch.float64).repeat_interleave(self.cfg.rollout.n)}
         if name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
             with timer.phase("sum_pi_squared"):
-                sum_pi_squared = self.workers.call_rank0("compute_sum_pi_squared", batch)
+                sum_pi_squared = self.workers.rank0.compute_sum_pi_squared(batch)
             return {"old_log_prob": batch.fields["old_logprobs"], "sum_pi_squared": sum_pi_squared}
         return {}
 
@@ -302,34 +284,26 @@ class RLTrainer:
                 "val/pass@1": sum(s >= 1.0 for s in reward.scores) / len(reward.scores)}
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def save(self) -> str:
-        pending = self.store.begin(self.step)
-        self.workers.call_all("save_checkpoint", pending.path)
-        state = {"loader": self.loader.state_dict(), "config": dataclasses.asdict(self.cfg)}
+    # save / load / the resume rule: TrainerSkeleton. (A model-only checkpoint starts at step 0.)
+    def _check_resume_state(self, path: str) -> None:
+        if self.use_critic:
+            _check_critic_state(path)
+        super()._check_resume_state(path)
+
+    def trainer_state(self) -> dict:
+        state = {"loader": self.loader.state_dict()}
         if self.kl_controller is not None:
             state["kl_coef"] = self.kl_controller.value
-        return self.store.commit(pending, state)
+        return state
 
-    def _load(self, path: str) -> None:
-        """A training checkpoint continues exactly; a model-only one (e.g. `megarl-convert hf-to-mcore`)
-        starts a fresh optimizer and data stream from its weights."""
-        state = read_trainer_state(path)
-        model_only = bool(state.get("model_only"))
-        self.workers.call_all("load_checkpoint", path, not model_only)
-        if "loader" in state:
-            self.loader.load_state_dict(state["loader"])
+    def load_trainer_state(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
         if self.kl_controller is not None and "kl_coef" in state:
             self.kl_controller.value = state["kl_coef"]
-        self.step = int(state["step"])
-        print(f"resumed from {path} at step {self.step}", flush=True)
-
-    def _due(self, freq: int) -> bool:
-        return freq > 0 and self.step % freq == 0
 
     def close(self) -> None:
-        self.logger.close()
         self.rewards.close()
-        self.workers.shutdown()
+        super().close()
         self.rollout.shutdown()
 
 

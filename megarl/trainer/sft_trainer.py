@@ -14,9 +14,6 @@ from megarl.trainer.supervised_loop import SupervisedTrainer
 
 
 class SFTTrainer(SupervisedTrainer):
-    worker_step = "sft_step"
-    worker_eval = "sft_eval"
-
     def __init__(self, cfg: MegaRLConfig):
         self.max_trained_count = cfg.sft.max_trained_count
         super().__init__(cfg)
@@ -28,6 +25,12 @@ class SFTTrainer(SupervisedTrainer):
 
     def make_batch(self, samples):
         return sft_batch(samples)
+
+    def worker_step(self, batch) -> dict:
+        return self.workers.rank0.sft_step(batch)
+
+    def worker_eval(self, batch) -> dict:
+        return self.workers.rank0.sft_eval(batch)
 
     def summarize_validation(self, result: dict) -> dict:
         return {"val/loss": result["nll_sum"] / max(result["tokens"], 1.0), "val/tokens": result["tokens"]}

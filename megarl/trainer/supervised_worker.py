@@ -117,6 +117,11 @@ class SupervisedWorker:
     def load_checkpoint(self, checkpoint_root: str, load_optimizer: bool = True) -> None:
         load_engine_checkpoint(self.actor, checkpoint_root, load_optimizer)
 
+    def export_weights(self) -> dict | None:
+        """All HF-named weights as one dict on rank 0 (tests, small models)."""
+        weights = {name: tensor.clone() for name, tensor in self.actor.export_hf_weights()}
+        return self._rank0(weights)
+
     def save_hf(self, out_dir: str) -> list[str] | None:
         """The trained policy as a HuggingFace folder (collective; rank 0 writes)."""
         from megarl.models.export import save_hf_checkpoint

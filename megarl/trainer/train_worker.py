@@ -6,6 +6,7 @@ log-probs / values, updates, weight pushes and checkpoints. The trainer drives a
 from __future__ import annotations
 
 import os
+from enum import Enum
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,20 @@ def policy_loss_options(cfg: MegaRLConfig):
     from megarl.algorithms import PolicyLossOptions
 
     return PolicyLossOptions.from_config(cfg.algorithm)
+
+
+class Model(str, Enum):
+    """Which of a rank's models a call reads (`compute_logprobs(batch, Model.REF)`)."""
+
+    ACTOR = "actor"
+    REF = "ref"
+
+    @classmethod
+    def of(cls, model) -> "Model":
+        try:
+            return cls(model)
+        except ValueError:
+            raise ValueError(f"unknown model {model!r}; one of: {', '.join(m.value for m in cls)}") from None
 
 
 def needs_reference(cfg: MegaRLConfig) -> bool:
@@ -62,14 +77,14 @@ class MegatronTrainWorker:
         self.pusher = None
 
     # ------------------------------------------------------------------ log-probs
-    def compute_logprobs(self, batch, model: str = "actor", mini_batches=None):
+    def compute_logprobs(self, batch, model: Model = Model.ACTOR, mini_batches=None):
         """Token-aligned log-probs `[B, S]` at the rollout temperature (rank 0 returns them).
 
         With `mini_batches` (lists of sample indices) the pass runs mini-batch by mini-batch with the
         TRAINING micro-batch plan, so the first update's forward sees bit-identical micro-batches and
         its ppo_kl is exactly 0 on-policy.
         """
-        engine = self.actor if model == "actor" else self.ref
+        engine = self._model(model)
         temperature = self.cfg.rollout.temperature or 1.0
         if mini_batches is None:
             out, _ = engine.forward_logprobs(batch, temperature=temperature,
@@ -88,6 +103,13 @@ class MegatronTrainWorker:
         out = self.actor.forward_sum_pi_squared(batch, temperature=self.cfg.rollout.temperature or 1.0,
                                                 micro_batches=micro_batch_options(self.cfg, for_log_prob=True))
         return out if self.rank == 0 else None
+
+    def _model(self, model: Model):
+        model = Model.of(model)
+        if model is Model.REF and self.ref is None:
+            raise ValueError("no reference model on this run: it is built only with algorithm.use_kl_loss "
+                             "or algorithm.use_kl_in_reward")
+        return self.actor if model is Model.ACTOR else self.ref
 
     def compute_values(self, batch, mini_batches=None):
         """The critic's token-aligned values `[B, S]` (rank 0 returns them); with `mini_batches`, per

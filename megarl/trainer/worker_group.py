@@ -3,13 +3,72 @@
 Each actor gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 before the worker object is constructed, so the worker initialises torch.distributed and Megatron
 exactly as it would under torchrun. Rank 0's node address and a free port on it form the rendezvous.
+
+Workers are called through typed proxies, the same for both groups:
+
+    group.all.save_checkpoint(path)                          # every rank; results by rank
+    group.rank0.compute_logprobs(batch, Model.ACTOR, plan)   # every rank (collectives); rank 0's result
+
+An attribute the worker class does not define raises AttributeError listing its methods before
+anything is sent. Arguments other than small constants go into the Ray object store once per call
+and every rank receives the same reference (Ray resolves top-level ObjectRef arguments), so a global
+batch is serialised once, not once per rank.
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import ray
+
+
+class WorkerCalls:
+    """`group.all` / `group.rank0`: attribute access checks the worker class has the method and
+    returns a function that runs it on every rank (results by rank, or rank 0's)."""
+
+    def __init__(self, group, worker_cls, *, rank0_only: bool):
+        self._group, self._worker_cls, self._rank0_only = group, worker_cls, rank0_only
+
+    def __getattr__(self, method: str):
+        if method.startswith("_") or not callable(getattr(self._worker_cls, method, None)):
+            raise AttributeError(f"{self._worker_cls.__name__} has no method {method!r}; its methods: "
+                                 f"{', '.join(worker_methods(self._worker_cls))}")
+
+        def call(*args, **kwargs):
+            results = self._group._call_every_rank(method, args, kwargs)
+            return results[0] if self._rank0_only else results
+
+        call.__name__ = call.__qualname__ = method
+        call.__doc__ = getattr(self._worker_cls, method).__doc__
+        return call
+
+    def __dir__(self):
+        return worker_methods(self._worker_cls)
+
+
+def worker_methods(worker_cls) -> list[str]:
+    return sorted(n for n in dir(worker_cls) if not n.startswith("_") and callable(getattr(worker_cls, n)))
+
+
+class _TypedCalls:
+    """The `all` / `rank0` proxies of a group holding `self.worker_cls`."""
+
+    @property
+    def all(self) -> WorkerCalls:
+        return WorkerCalls(self, self.worker_cls, rank0_only=False)
+
+    @property
+    def rank0(self) -> WorkerCalls:
+        return WorkerCalls(self, self.worker_cls, rank0_only=True)
+
+
+# Arguments sent inline (cheap to pickle per rank); anything else goes through the object store once.
+_INLINE_TYPES = (type(None), bool, int, float, str, bytes, Enum)
+
+
+def _is_inline(value) -> bool:
+    return isinstance(value, _INLINE_TYPES) and (not isinstance(value, (str, bytes)) or len(value) < 4096)
 
 
 @ray.remote
@@ -59,7 +118,8 @@ class _RankHost:
             torch.set_num_threads(threads)
         self.worker = worker_cls(*args, **kwargs)
 
-    def call(self, method: str, args, kwargs) -> Any:
+    def call(self, method: str, *args, **kwargs) -> Any:
+        # args / kwargs are top-level remote arguments: Ray has already resolved ObjectRefs among them
         return getattr(self.worker, method)(*args, **kwargs)
 
     def pid(self) -> int:
@@ -68,7 +128,7 @@ class _RankHost:
         return os.getpid()
 
 
-class RayWorkerGroup:
+class RayWorkerGroup(_TypedCalls):
     """`world_size` actors, each holding `worker_cls(*args, **kwargs)` as one torch.distributed rank."""
 
     def __init__(self, worker_cls, world_size: int, args=(), kwargs=None, num_cpus_per_rank: float = 1,
@@ -76,6 +136,7 @@ class RayWorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        self.worker_cls = worker_cls
         self.world_size = world_size
         self.timeout_s = timeout_s
         bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus_per_rank} if num_gpus_per_rank else {})}
@@ -99,13 +160,11 @@ class RayWorkerGroup:
             rank_envs.append(env_r)
         self._get([h.construct.remote(worker_cls, e, tuple(args), kwargs or {}) for h, e in zip(self.hosts, rank_envs)])
 
-    def call_all(self, method: str, *args, **kwargs) -> list[Any]:
-        """Call worker.method on every rank (they usually run collectives together); results by rank."""
-        return self._get([h.call.remote(method, args, kwargs) for h in self.hosts])
-
-    def call_rank0(self, method: str, *args, **kwargs) -> Any:
-        """Call on every rank (collectives need all), return rank 0's result."""
-        return self.call_all(method, *args, **kwargs)[0]
+    def _call_every_rank(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
+        """worker.method on every rank (they usually run collectives together); results by rank."""
+        args = [a if _is_inline(a) else ray.put(a) for a in args]
+        kwargs = {k: v if _is_inline(v) else ray.put(v) for k, v in kwargs.items()}
+        return self._get([h.call.remote(method, *args, **kwargs) for h in self.hosts])
 
     def _get(self, refs):
         return ray.get(refs, timeout=self.timeout_s)
@@ -136,9 +195,9 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
 
-class TorchrunWorkerGroup:
+class TorchrunWorkerGroup(_TypedCalls):
     """The same interface when the training ranks are torchrun's processes: rank 0 runs the loop and
-    calls `call_all`; every other rank sits in `follow_rank0()`, receiving each call over a gloo
+    calls workers through `all` / `rank0`; every other rank sits in `follow_rank0()`, receiving each call over a gloo
     control group and running it on its own worker, so all ranks enter the same collectives.
 
     Ray actor handles (rollout engines) never leave rank 0: the other ranks get None in their place.
@@ -147,6 +206,7 @@ class TorchrunWorkerGroup:
     def __init__(self, worker_cls, world_size: int, args=(), kwargs=None, **_ignored):
         import torch.distributed as dist
 
+        self.worker_cls = worker_cls
         self.world_size = world_size
         self.control = _control_group()
         if dist.get_world_size() != world_size:
@@ -160,12 +220,9 @@ class TorchrunWorkerGroup:
 
         dist.broadcast_object_list([_strip_actor_handles(call)], src=0, group=self.control)
 
-    def call_all(self, method: str, *args, **kwargs) -> list[Any]:
-        self._broadcast((method, args, kwargs))
+    def _call_every_rank(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
+        self._broadcast((method, args, kwargs))  # one pickle, broadcast to every follower
         return [getattr(self.worker, method)(*args, **kwargs)] + [None] * (self.world_size - 1)
-
-    def call_rank0(self, method: str, *args, **kwargs) -> Any:
-        return self.call_all(method, *args, **kwargs)[0]
 
     def shutdown(self) -> None:
         self._broadcast(("__stop__", (), {}))

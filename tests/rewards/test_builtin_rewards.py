@@ -152,7 +152,7 @@ def test_default_dispatches_on_data_source():
 def test_registry_lists_names_and_rejects_conflicts():
     assert {"math", "gsm8k", "format", "react_format", "cosine", "repetition", "overlong", "synthetic_arith",
             "default", "reward_model"} <= set(registered_rewards())
-    with pytest.raises(KeyError, match="registered rewards: .*gsm8k"):
+    with pytest.raises(KeyError, match="registered: .*gsm8k"):
         get_reward("gsm8kk")
     with pytest.raises(ValueError, match="already registered"):
         register_reward("math")(lambda *a: 0.0)

@@ -120,9 +120,9 @@ def test_score_batch_column_form(misbehaving_manager):
 
 
 @pytest.mark.parametrize("term, message", [
-    (RewardTermConfig("no_such_reward"), "registered rewards"),
+    (RewardTermConfig("no_such_reward"), "registered: "),
     (RewardTermConfig("/nonexistent/reward.py:compute_score"), "does not exist"),
-    (RewardTermConfig(f"{FIXTURES}:no_such_function"), "has no function 'no_such_function'"),
+    (RewardTermConfig(f"{FIXTURES}:no_such_function"), "has no attribute 'no_such_function'"),
     (RewardTermConfig("no_such_module_xyz:fn"), "cannot import module"),
     (RewardTermConfig("overlong"), "max_response_length"),              # required kwargs missing
     (RewardTermConfig("math", kwargs={"tolerance": 0.1}), "tolerance"),  # unknown kwarg

@@ -113,5 +113,10 @@ def test_scheduler_registry():
         pass
 
     assert load_scheduler("toy_always_continue") is Toy
+    register_scheduler("toy_always_continue")(Toy)  # the same class again (a module imported twice): kept
+
+    class Other(_AlwaysContinue):
+        pass
+
     with pytest.raises(ValueError, match="already registered"):
-        register_scheduler("toy_always_continue")(Toy)
+        register_scheduler("toy_always_continue")(Other)

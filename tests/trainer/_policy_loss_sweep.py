@@ -55,12 +55,12 @@ def main(out_path: str, run_dir: str, steps: int) -> None:
     base = policy_loss_options(cfg)
     try:
         for label, overrides in SWEEP.items():
-            trainer.workers.call_all("set_policy_loss", dataclasses.replace(base, **overrides))
+            trainer.workers.all.set_policy_loss(dataclasses.replace(base, **overrides))
             trainer.total_steps = trainer.step + steps
             started = time.perf_counter()
             results[label] = trainer.fit()
             results[f"{label}_s"] = time.perf_counter() - started
-        trainer.workers.call_all("set_policy_loss", base)
+        trainer.workers.all.set_policy_loss(base)
         for name in ESTIMATORS:
             trainer.cfg.algorithm.adv_estimator = name
             trainer.total_steps = trainer.step + ESTIMATOR_STEPS

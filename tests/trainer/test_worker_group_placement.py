@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     group = RayWorkerGroup(Probe, 8, num_cpus_per_rank=0.5, num_gpus_per_rank=1, timeout_s=300)
-    print("RESULT " + json.dumps(group.call_all("report")))
+    print("RESULT " + json.dumps(group.all.report()))
     group.shutdown()
     ray.shutdown()
     cluster.shutdown()

@@ -22,34 +22,30 @@ from typing import Any, ClassVar
 
 import torch
 
+from megarl.utils.registry import Registry
+
 NamedTensors = list[tuple[str, torch.Tensor]]
 
-_TRANSPORTS: dict[str, type["WeightTransport"]] = {}
+# The built-in transports register when megarl.rollout.weight_sync is imported, at the first lookup.
+TRANSPORTS = Registry("weight transport", builtins="megarl.rollout.weight_sync")
 
 
 def register_transport(name: str):
+    """Decorator: `@register_transport("name")` on a WeightTransport subclass (sets its `name`)."""
+
     def wrap(cls):
-        if name in _TRANSPORTS:
-            raise ValueError(f"weight transport {name!r} is already registered by {_TRANSPORTS[name].__qualname__}")
         cls.name = name
-        _TRANSPORTS[name] = cls
-        return cls
+        return TRANSPORTS.register(name)(cls)
 
     return wrap
 
 
 def get_transport_class(name: str) -> type["WeightTransport"]:
-    import megarl.rollout.weight_sync  # noqa: F401  (registers the built-in transports)
-
-    if name not in _TRANSPORTS:
-        raise KeyError(f"unknown weight transport {name!r}; registered: {sorted(_TRANSPORTS)}")
-    return _TRANSPORTS[name]
+    return TRANSPORTS.get(name)
 
 
 def registered_transports() -> list[str]:
-    import megarl.rollout.weight_sync  # noqa: F401
-
-    return sorted(_TRANSPORTS)
+    return TRANSPORTS.names()
 
 
 class WeightTransport(ABC):
