@@ -106,10 +106,11 @@ def test_shortened_demo_learns(tmp_path):
     """`make demo` cut to 60 steps: the tiny MoE's mean reward (first vs last 12 steps) rises.
 
     Measured gains (last 20% of steps minus first 20%; 2 shared cores, load average 1 to 40):
-    default seeds (trainer 1234, data 1) +0.216 (twice, bit-identical at load 1 and 24), seeds 1/1
-    +0.222, 2/2 +0.222; min +0.216, max +0.222. On another machine the float sums differ and so
-    does the curve (README, Reproducibility): the bound is under half the measured minimum. With
-    the advantage's sign flipped the same run measured GAIN_SIGNFLIP, so a sign error fails this."""
+    default seeds (trainer 1234, data 1) +0.216 (twice: every metric identical, at load 1-5 and
+    5-24), trainer/data seeds 1/1 +0.222, 2/2 +0.222; min +0.216, max +0.222. Another CPU may take
+    another trajectory (README, Reproducibility): the bound is under half the measured minimum.
+    With the advantage's sign flipped by hand (rl_trainer._advantages) the run measured 0.017 ->
+    0.002 (-0.015): a sign error fails this, as would lr 0 (the policy and its reward stay put)."""
     out = str(tmp_path / "demo")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "demo.py"), "--steps", "60", "--output", out,
                            "--trainer.test_freq=-1", "--trainer.save_freq=0"],
