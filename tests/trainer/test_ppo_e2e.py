@@ -31,11 +31,12 @@ def test_shortened_ppo_demo_learns_and_its_critic_trains(tmp_path):
     """The PPO recipe cut to 80 steps: the reward rises, and the critic, from an untrained value
     head that predicts worse than the returns' mean, comes to predict them no worse than that.
 
-    Measured (2 shared cores, load average 12-60; trainer/data seeds default 1234/1, 1/1, 2/2):
-    reward gain (mean of the last 16 steps minus the first 16) +0.140, +0.109*, +0.194*; explained
-    variance at step 1 -1.32, -2.42, -9.57; pooled over steps 41-80 +0.023, -0.009*, +0.062*
-    (* seeds 1 and 2 cut at step 53 / 52 by the 25-min timeout at load average 60; windows of
-    20% and the last half of the steps run). Bounds: gain >= 0.07, step 1 < -0.5, pooled > -0.05.
+    Measured (2 shared cores, load average 6-60; trainer/data seeds default 1234/1, 1/1, 2/2):
+    reward gain (mean of the last 16 steps minus the first 16) +0.140, +0.245, +0.212; explained
+    variance at step 1 -1.32, -2.42, -9.57; pooled over steps 41-80 +0.023, +0.143, +0.487 (min
+    +0.023, max +0.487). Seeds 1 and 2 ran side by side at load 40-60 (cut at step 53 / 52 by the
+    25-min timeout) and again at load 6-35: metric for metric the same over those steps. Bounds:
+    gain >= 0.07 (half the minimum), step 1 < -0.5, pooled > -0.05.
     Breaks checked by hand: critic lr 1e-12 (30 steps): pooled explained variance over steps 16-30
     -1.31 and gain -0.014; the advantage's sign flipped (on GRPO, the same code path): gain -0.015.
     The default-seed run is metric for metric the same (13 steps compared) at commit 64d2630,
