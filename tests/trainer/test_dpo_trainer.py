@@ -59,6 +59,10 @@ def test_dpo_sigmoid_starts_at_log2_learns_the_preference_and_resumes_at_ep2(tmp
     assert first["train/rewards/margins"] == 0.0 and first["train/rewards/chosen"] == 0.0
     assert first["train/rewards/accuracies"] == 0.0  # ties are not counted as ranked right
     assert first["train/micro_batches"] >= 1 and first["train/pairs"] == 16
+    # Measured (trainer.seed = data.seed = 1, 2, 3; load average 50-61 on 2 cores): train reward
+    # accuracy 1.0 from step 2 on, validation accuracy 1.0 at steps 4 and 8, validation loss at
+    # step 8 0.0015, 0.0017, 0.0017 (max 0.0017, 1/200 of the bound). No sampling: a seed repeats
+    # exactly on one machine. The untrained policy (= reference) has accuracy 0 and loss log 2.
     assert min(h["train/rewards/accuracies"] for h in history[-3:]) > 0.9
     assert history[-1]["val/rewards/accuracies"] > 0.9
     assert history[-1]["val/loss"] < 0.5 * math.log(2)

@@ -125,6 +125,10 @@ def test_sft_learns_the_answer_format(tmp_path, tiny_moe_dir, ray_session):
     val_losses = [h["val/loss"] for h in history if "val/loss" in h]
     print(f"val/loss first {val_losses[0]:.4f} last {val_losses[-1]:.4f}; train/loss first "
           f"{history[0]['train/loss']:.4f} last {history[-1]['train/loss']:.4f}")
+    # Measured (last / first validation loss, steps 40 / 5; trainer.seed = data.seed = 1, 2, 3, load
+    # average 37-43 on 2 cores): 0.303/2.682 = 0.113, 0.319/2.637 = 0.121, 0.326/2.702 = 0.120; min
+    # 0.113, max 0.121. No sampling: on one machine a seed repeats exactly, across CPUs the sums
+    # differ in the last digits. The bound is 4x the worst ratio; an untrained model stays near 1.
     assert len(val_losses) == 8 and val_losses[-1] < 0.5 * val_losses[0]
     scalars = read_tensorboard_scalars(os.path.join(out, "tensorboard"))
     for key in ("train/loss", "train/grad_norm", "train/lr", "train/tokens", "val/loss", "timing_s/update"):
@@ -142,7 +146,7 @@ def test_sft_learns_the_answer_format(tmp_path, tiny_moe_dir, ray_session):
         replies.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     matching = sum(bool(ANSWER_FORMAT.match(r)) for r in replies)
     print(f"{matching}/{len(replies)} held-out replies in the answer format, e.g. {replies[:4]}")
-    assert matching >= 0.8 * len(replies)
+    assert matching >= 0.8 * len(replies)  # measured 16/16 at seeds 1, 2, 3
 
 
 def test_max_trained_count_and_exact_resume(tmp_path, tiny_moe_dir, ray_session):
