@@ -9,6 +9,7 @@ run creates (training ranks + rollout engines): logical CPUs are a scheduling bu
 from __future__ import annotations
 
 import os
+import sys
 
 # Variables every actor must see exactly as the driver does: caches inside the run's work tree, no
 # hub access, vLLM's CPU settings.
@@ -30,6 +31,7 @@ def forwarded_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+LOCAL_START_ATTEMPTS = 3  # a local Ray start that times out under load is tried again (see init_ray)
 RAY_NAMESPACE = "megarl"  # named actors (rollout engines) are found by every driver and rank in it
 
 
@@ -56,8 +58,20 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, object_sto
     if len(temp) > 60:
         temp = "/tmp/megarl_ray"
     os.makedirs(temp, exist_ok=True)
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
-             object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None, **common)
+    local = dict(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
+                 object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None, **common)
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(**local)
+            return
+        except Exception as err:  # noqa: BLE001 - only Ray's start-up time-out is retried
+            # Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py, not configurable);
+            # on a loaded 2-core machine that start-up can take longer. A fresh start usually succeeds.
+            if "timed out during startup" not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            print(f"warning: local Ray did not start within Ray's fixed 30 s (attempt {attempt} of "
+                  f"{LOCAL_START_ATTEMPTS}; the machine is loaded); starting it again", file=sys.stderr, flush=True)
+            ray.shutdown()
 
 
 def _repo_root() -> str:

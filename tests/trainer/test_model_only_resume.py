@@ -46,6 +46,11 @@ def model_only(tiny_moe_dir, tmp_path_factory):
     state.update(loader={"position": "not a loader state"}, data={"position": "not a stream state"})
     with open(state_file, "w") as f:
         json.dump(state, f)
+    # the edit is deliberate: re-seal the checkpoint's manifest as its writer would, so it verifies
+    from megarl.checkpoint.manifest import MANIFEST_FILE, build_manifest
+
+    with open(os.path.join(step_dir, MANIFEST_FILE), "w") as f:
+        json.dump(build_manifest(step_dir, CHECKPOINT_STEP), f)
     return other, step_dir
 
 
